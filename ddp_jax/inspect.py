@@ -1,0 +1,108 @@
+"""Collectives in a function's HLO: counts, operands and bytes.
+
+``collectives(fn, *args)`` lowers ``fn`` (jitting it if needed), reads the HLO
+before XLA's passes (``lowered``) and after them (``compiled``), and counts
+each collective kind. JAX lowers a multi-operand ``psum`` to one all-reduce per
+operand; XLA's combiner then merges them into variadic ops. ``calls`` counts
+the collectives issued per ``ddp_jax`` bucket (one group per bucket and kind)
+plus any collective outside a bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_LINE = re.compile(
+    r"=\s*(?P<type>\([^=]*?\)|[\w\[\]{},:\d]+)\s+"
+    r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?P<start>-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_BUCKET = re.compile(r"ddp_bucket(\d+)")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+             "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+             "c128": 16}
+
+
+@dataclasses.dataclass
+class Counts:
+  """One collective kind in one HLO module."""
+
+  ops: int = 0  # HLO instructions
+  operands: int = 0  # arrays summed/gathered, over all ops
+  bytes: int = 0  # bytes of the results, per device
+  calls: int = 0  # distinct (bucket, kind) groups plus ops outside buckets
+
+
+@dataclasses.dataclass
+class Report:
+  lowered: dict[str, Counts]
+  compiled: dict[str, Counts]
+  lowered_text: str = dataclasses.field(repr=False, default="")
+  compiled_text: str = dataclasses.field(repr=False, default="")
+
+  def summary(self) -> str:
+    lines = ["stage     kind                ops  operands  calls        bytes"]
+    for stage, counts in (("lowered", self.lowered), ("compiled", self.compiled)):
+      for kind, c in counts.items():
+        lines.append(f"{stage:9} {kind:18} {c.ops:4} {c.operands:9} {c.calls:6} {c.bytes:12,}")
+    return "\n".join(lines)
+
+
+def _itemsize(dtype: str) -> int:
+  if dtype in _ITEMSIZE:
+    return _ITEMSIZE[dtype]
+  bits = re.findall(r"\d+", dtype)
+  return max(1, int(bits[0]) // 8) if bits else 1
+
+
+def count_collectives(hlo_text: str) -> dict[str, Counts]:
+  """Counts collectives in HLO text (``*-done`` halves of async pairs are skipped)."""
+  out: dict[str, Counts] = {}
+  groups: dict[str, set] = {}
+  for line in hlo_text.splitlines():
+    m = _LINE.search(line)
+    if not m:
+      continue
+    kind = m.group("kind")
+    c = out.setdefault(kind, Counts())
+    shapes = _SHAPE.findall(m.group("type"))
+    c.ops += 1
+    c.operands += max(1, len(shapes) if m.group("type").startswith("(") else 1)
+    for dtype, dims in shapes:
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      c.bytes += n * _itemsize(dtype)
+    bucket = _BUCKET.search(line)
+    groups.setdefault(kind, set()).add(bucket.group(1) if bucket else ("op", c.ops))
+  for kind, c in out.items():
+    c.calls = len(groups[kind])
+  return out
+
+
+def collectives(fn: Callable, *args: Any, **kwargs: Any) -> Report:
+  """Lowers and compiles ``fn(*args, **kwargs)`` and counts its collectives.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from ddp_jax.inspect import collectives
+    >>> f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
+    >>> r = collectives(f, jnp.ones((jax.device_count(), 3)))
+    >>> r.lowered["all-reduce"].ops
+    1
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  lowered = jitted.lower(*args, **kwargs)
+  try:
+    low_text = lowered.as_text(dialect="hlo", debug_info=True)
+  except TypeError:  # older jax: no debug_info argument
+    low_text = lowered.as_text(dialect="hlo")
+  compiled_text = lowered.compile().as_text()
+  return Report(count_collectives(low_text), count_collectives(compiled_text),
+                low_text, compiled_text)

@@ -1,0 +1,298 @@
+"""sync_gradients: equals pmean, on shard_map and pmap, 1-D and 2-D meshes, every pack mode."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import ddp_jax
+from ddp_jax import hooks
+from tests.helpers import assert_mean, per_device_grads, pmap_updates, shard_map_updates
+
+
+def model_tree():
+  return {
+      "embed": jnp.zeros((300, 64)),
+      "block": [{"kernel": jnp.zeros((64, 64)), "bias": jnp.zeros((64,))} for _ in range(3)],
+      "head": {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros((10,))},
+      "scale": jnp.zeros(()),
+  }
+
+
+def mixed_tree():
+  return {
+      "f32": jnp.zeros((40, 30)),
+      "bf16": jnp.zeros((50, 7), jnp.bfloat16),
+      "f16": jnp.zeros((33,), jnp.float16),
+      "f32b": jnp.zeros((5,)),
+  }
+
+
+TOL = {np.dtype(jnp.float32): 1e-6, np.dtype(jnp.bfloat16): 2e-2, np.dtype(jnp.float16): 2e-3}
+
+
+def assert_mean_by_dtype(updates, stacked):
+  for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(stacked)):
+    assert u.dtype == g.dtype
+    tol = TOL[np.dtype(g.dtype)]
+    assert_mean(u, g, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pack", ["auto", "ravel", "variadic"])
+def test_equals_pmean_shard_map(mesh8, pack):
+  tx = ddp_jax.sync_gradients("data", pack=pack, first_bucket_cap_mb=0.01, bucket_cap_mb=0.02)
+  g = per_device_grads(model_tree(), 8)
+  u, _ = shard_map_updates(tx, g, mesh8, "data")
+  assert_mean(u, g)
+
+
+def test_equals_lax_pmean_exactly_shaped(mesh8):
+  """Side by side with lax.pmean inside the same shard_map."""
+  tx = ddp_jax.sync_gradients("data")
+  g = ddp_jax.shard(per_device_grads(model_tree(), 8), mesh8, "data")
+
+  def both(gs):
+    gs = jax.tree.map(lambda x: x[0], gs)
+    ours, _ = tx.update(gs, tx.init(gs))
+    return ours, lax.pmean(gs, "data")
+
+  ours, ref = jax.jit(jax.shard_map(both, mesh=mesh8, in_specs=P("data"), out_specs=P()))(g)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_mixed_dtypes_keep_dtype(mesh8):
+  tx = ddp_jax.sync_gradients("data")
+  plan = ddp_jax.plan_buckets(mixed_tree())
+  assert sorted(b.dtype.name for b in plan.buckets) == ["bfloat16", "float16", "float32"]
+  g = per_device_grads(mixed_tree(), 8)
+  u, _ = shard_map_updates(tx, g, mesh8, "data")
+  assert_mean_by_dtype(u, g)
+
+
+@pytest.mark.parametrize("pack", ["auto", "ravel", "variadic"])
+def test_equals_pmean_pmap(pack):
+  tx = ddp_jax.sync_gradients("data", pack=pack, first_bucket_cap_mb=0.01)
+  g = per_device_grads(mixed_tree(), 8)
+  u, state = pmap_updates(tx, g)
+  assert_mean_by_dtype(u, g)
+  assert isinstance(state, ddp_jax.SyncState)
+
+
+def test_2d_mesh_both_axes(mesh2x4):
+  axes = ("node", "local")
+  tx = ddp_jax.sync_gradients(axes)
+  g = per_device_grads(model_tree(), 8)
+  u, _ = shard_map_updates(tx, g, mesh2x4, axes)
+  assert_mean(u, g)
+
+
+def test_2d_mesh_one_axis(mesh2x4):
+  """Averaging over 'local' only: the mean of each node's 4 devices."""
+  tx = ddp_jax.sync_gradients("local")
+  g = per_device_grads(model_tree(), 8)
+  params = jax.tree.map(lambda x: x[0], g)
+  state = jax.jit(jax.shard_map(tx.init, mesh=mesh2x4, in_specs=P(), out_specs=P()))(
+      ddp_jax.replicate(params, mesh2x4))
+
+  def step(s, gs):
+    u, _ = tx.update(jax.tree.map(lambda x: x[0], gs), s)
+    return jax.tree.map(lambda x: x[None], u)
+
+  axes = ("node", "local")
+  f = jax.jit(jax.shard_map(step, mesh=mesh2x4, in_specs=(P(), P(axes)), out_specs=P(axes)))
+  u = f(state, ddp_jax.shard(g, mesh2x4, axes))
+  for node in range(2):
+    part = slice(4 * node, 4 * node + 4)
+    assert_mean(jax.tree.map(lambda x: np.asarray(x)[part], u),  # noqa: B023,
+                jax.tree.map(lambda x: np.asarray(x)[part], g))  # noqa: B023
+
+
+def test_vmap_axis_and_passthrough_leaves():
+  """None, float0, integer, zero-size leaves pass through; scalars are averaged."""
+  grads = {
+      "w": jnp.arange(8.0).reshape(8, 1),
+      "s": jnp.arange(8.0),  # a scalar per replica
+      "none": None,
+      "i": jnp.arange(8, dtype=jnp.int32),
+      "f0": np.zeros((8, 2), dtype=jax.dtypes.float0),
+      "empty": jnp.zeros((8, 0)),
+  }
+  tx = ddp_jax.sync_gradients("i")
+  out = jax.vmap(lambda g: tx.update(g, tx.init(g))[0], axis_name="i")(grads)
+  np.testing.assert_allclose(out["w"][:, 0], 3.5)
+  np.testing.assert_allclose(out["s"], 3.5)
+  assert out["none"] is None
+  np.testing.assert_array_equal(out["i"], np.arange(8))
+  assert out["f0"].dtype == jax.dtypes.float0 and out["empty"].shape == (8, 0)
+
+
+def test_operands_per_pack_mode():
+  spec = ddp_jax.plan_buckets([jnp.zeros((1024, 512)), jnp.zeros(10), jnp.zeros(20)],
+                              bucket_cap_mb=100, first_bucket_cap_mb=100,
+                              order="forward").buckets[0]
+  from ddp_jax import _pack
+  assert _pack.operand_groups(spec, "ravel") == ((0, 1, 2),)
+  assert _pack.operand_groups(spec, "variadic") == ((0,), (1,), (2,))
+  # 2 MiB leaf travels alone; the small ones share one buffer.
+  assert _pack.operand_groups(spec, "auto") == ((1, 2), (0,))
+
+
+def summing_hook():
+  """A stateful test hook: allreduce, and remember the local (per-replica) sum."""
+  inner = hooks.allreduce()
+
+  def init_fn(spec):
+    return {"seen": jnp.zeros((spec.size,), spec.dtype), "steps": jnp.zeros((), jnp.int32)}
+
+  def update_fn(bucket, state, ctx):
+    reduced, _ = inner.update(bucket, (), ctx)
+    return reduced, {"seen": state["seen"] + bucket.buffer(), "steps": state["steps"] + 1}
+
+  return hooks.CommHook(init_fn, update_fn)
+
+
+def test_per_replica_state_specs(mesh8, standard_promotion):
+  tx = optax.chain(ddp_jax.sync_gradients("data", hook=summing_hook(),
+                                          first_bucket_cap_mb=0.001), optax.adam(1e-3))
+  g = per_device_grads({"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)}, 8)
+  u, state = shard_map_updates(tx, g, mesh8, "data", steps=3)
+  # Same synced gradient every step: adam moves by -lr * sign(mean).
+  assert_mean(u, jax.tree.map(lambda x: -1e-3 * np.sign(np.mean(x, 0, keepdims=True)), g),
+              rtol=1e-4, atol=1e-8)
+  sync_state = state[0]
+  specs = ddp_jax.state_specs(state, "data")
+  assert specs[0].hook_states[0]["seen"] == P("data") and specs[1][0].mu["a"] == P()
+  plan = ddp_jax.plan_buckets({"a": jnp.zeros((4, 3)), "b": jnp.zeros(5)},
+                              first_bucket_cap_mb=0.001)
+  for spec, hs in zip(plan.buckets, jax.tree.map(np.asarray, sync_state.hook_states)):
+    assert hs["seen"].shape == (8, spec.size) and hs["steps"].shape == (8,)
+    np.testing.assert_array_equal(hs["steps"], 3)
+    for d in range(8):  # each replica kept its own sum, not an average
+      local = np.concatenate([np.ravel(g[p.split("'")[1]][d]) for p in spec.paths])
+      np.testing.assert_allclose(hs["seen"][d], 3 * local, rtol=1e-6)
+
+
+def test_pmap_per_replica_state():
+  tx = ddp_jax.sync_gradients("data", hook=summing_hook())
+  g = per_device_grads({"a": jnp.zeros((4, 3))}, 8)
+  u, state = pmap_updates(tx, g)
+  assert state.hook_states[0]["seen"].shape == (8, 1, 12)
+  np.testing.assert_allclose(state.hook_states[0]["seen"][:, 0], g["a"].reshape(8, 12))
+
+
+def test_no_retrace(mesh8):
+  tx = ddp_jax.sync_gradients("data")
+  g = ddp_jax.shard(per_device_grads(model_tree(), 8), mesh8, "data")
+  state = ddp_jax.init_state(tx, jax.tree.map(lambda x: np.asarray(x)[0], g), mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(s, gs):
+    return jax.shard_map(lambda s, gs: tx.update(jax.tree.map(lambda x: x[0], gs), s),
+                         mesh=mesh8, in_specs=(specs, P("data")), out_specs=(P(), specs))(s, gs)
+
+  for _ in range(3):
+    _, state = step(state, g)
+
+
+def test_jit_and_chain_compose(mesh8):
+  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.clip_by_global_norm(1.0),
+                   optax.sgd(0.1))
+  g = per_device_grads(model_tree(), 8)
+  u, _ = shard_map_updates(tx, g, mesh8, "data")
+  want = optax.clip_by_global_norm(1.0).update(
+      jax.tree.map(lambda x: x.mean(0), g), optax.EmptyState())[0]
+  chex.assert_trees_all_close(jax.tree.map(lambda x: np.asarray(x)[0], u),
+                              jax.tree.map(lambda x: -0.1 * x, want), rtol=1e-5, atol=1e-6)
+
+
+# ---- errors users hit ----------------------------------------------------------------
+
+
+def test_error_outside_mapped_axis():
+  tx = ddp_jax.sync_gradients("data")
+  g = {"w": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"axis 'data' is not bound.*jax.shard_map.*jax.pmap"):
+    tx.update(g, tx.init(g))
+
+
+def test_error_unknown_axis(mesh8):
+  tx = ddp_jax.sync_gradients("batch")
+  g = per_device_grads({"w": jnp.ones(3)}, 8)
+  with pytest.raises(ValueError, match=r"axis 'batch' is not bound"):
+    shard_map_updates(tx, g, mesh8, "data")
+
+
+def test_error_tree_changed():
+  tx = ddp_jax.sync_gradients("i")
+  state = tx.init({"a": jnp.ones(3), "b": jnp.ones(2)})
+  with pytest.raises(ValueError, match=r"first difference at leaf 1: at init \['b'\] "
+                                       r"float32\[2\], at update \['c'\] float32\[2\]"):
+    jax.vmap(lambda g: tx.update(g, state), axis_name="i")(
+        {"a": jnp.ones((2, 3)), "c": jnp.ones((2, 2))})
+  with pytest.raises(ValueError, match=r"at init \['b'\] float32\[2\], at update \['b'\] "
+                                       r"float32\[3\]"):
+    jax.vmap(lambda g: tx.update(g, state), axis_name="i")(
+        {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))})
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(bucket_cap_mb=0), ValueError, "bucket_cap_mb must be a positive finite"),
+    (dict(first_bucket_cap_mb=float("nan")), ValueError, "first_bucket_cap_mb"),
+    (dict(bucket_caps_mb=[1, -2]), ValueError, r"bucket_caps_mb\[1\]"),
+    (dict(pack="zip"), ValueError, "pack must be one of"),
+    (dict(order="random"), ValueError, "order must be one of"),
+    (dict(hook=lambda b: b), TypeError, "hook must be a CommHook"),
+])
+def test_error_bad_config(kwargs, err, match):
+  with pytest.raises(err, match=match):
+    ddp_jax.sync_gradients("data", **kwargs)
+
+
+def test_error_bad_axis_name():
+  with pytest.raises(TypeError, match="axis_name must be"):
+    ddp_jax.sync_gradients(3)
+
+
+def bad_shape_hook():
+  def update_fn(bucket, state, ctx):
+    return bucket.buffer()[:-1], state
+  return hooks.CommHook(lambda spec: (), update_fn)
+
+
+def bad_dtype_hook():
+  def update_fn(bucket, state, ctx):
+    return [x.astype(jnp.float16) for x in bucket.leaves], state
+  return hooks.CommHook(lambda spec: (), update_fn)
+
+
+def state_changing_hook():
+  def update_fn(bucket, state, ctx):
+    return bucket.leaves, jnp.zeros((2,))
+  return hooks.CommHook(lambda spec: jnp.zeros(()), update_fn)
+
+
+@pytest.mark.parametrize("hook, match", [
+    (bad_shape_hook(), r"hook bad_shape_hook on bucket 0 \(\['a'\] ...\) returned an array of "
+                       r"float32\[4\]; a flat result must be float32\[5\]"),
+    (bad_dtype_hook(), r"hook bad_dtype_hook on bucket 0 .* returned float16\[5\] for leaf "
+                       r"\['a'\]; expected float32\[5\]"),
+    (state_changing_hook(), r"hook state_changing_hook on bucket 0 returned a state that does "
+                            r"not match"),
+])
+def test_error_bad_hook_output(hook, match):
+  tx = ddp_jax.sync_gradients("i", hook=hook)
+  g = {"a": jnp.ones((2, 5))}
+  with pytest.raises(ValueError, match=match):
+    jax.vmap(lambda g: tx.update(g, tx.init(g)), axis_name="i")(g)
+
+
+def test_error_wrong_state_type():
+  tx = ddp_jax.sync_gradients("i")
+  with pytest.raises(TypeError, match="state must be the SyncState"):
+    tx.update({"a": jnp.ones(2)}, optax.EmptyState())
