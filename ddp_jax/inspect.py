@@ -23,6 +23,7 @@ _LINE = re.compile(
     r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(?P<start>-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _BUCKET = re.compile(r"ddp_bucket(\d+)")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
@@ -66,6 +67,7 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
   out: dict[str, Counts] = {}
   groups: dict[str, set] = {}
   for line in hlo_text.splitlines():
+    line = _COMMENT.sub("", line)
     m = _LINE.search(line)
     if not m:
       continue

@@ -1,0 +1,74 @@
+"""The HLO inspect helper: one collective call per bucket, what XLA made of it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import ddp_jax
+from ddp_jax.inspect import collectives, count_collectives
+from tests.helpers import per_device_grads
+
+
+def grads_tree():
+  return {"w%d" % i: jnp.zeros((64, 100 + i)) for i in range(12)} | {
+      "h": jnp.zeros((30,), jnp.bfloat16)}
+
+
+def sync_fn(tx, mesh):
+  def step(g):
+    g = jax.tree.map(lambda x: x[0], g)
+    return tx.update(g, tx.init(g))[0]
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"), out_specs=P()))
+
+
+@pytest.mark.parametrize("pack", ["ravel", "variadic", "auto"])
+def test_lowered_one_call_per_bucket(mesh8, pack):
+  kw = dict(first_bucket_cap_mb=0.05, bucket_cap_mb=0.1)
+  plan = ddp_jax.plan_buckets(grads_tree(), **kw)
+  assert plan.num_buckets == 5
+  tx = ddp_jax.sync_gradients("data", pack=pack, **kw)
+  g = ddp_jax.shard(per_device_grads(grads_tree(), 8), mesh8, "data")
+  report = collectives(sync_fn(tx, mesh8), g)
+  low = report.lowered["all-reduce"]
+  assert low.calls == plan.num_buckets
+  if pack == "ravel":  # one contiguous buffer per bucket: one HLO all-reduce each
+    assert low.ops == low.operands == plan.num_buckets
+  elif pack == "variadic":  # JAX lowers a multi-operand psum to one op per operand
+    assert low.ops == 13
+  assert low.bytes == sum(b.nbytes for b in plan.buckets)
+  comp = report.compiled["all-reduce"]
+  assert 1 <= comp.ops <= low.ops  # XLA's combiner merges
+  assert comp.operands == low.operands
+  # XLA's CPU compiler promotes the bf16 all-reduce to f32: 30 elements x 2 extra bytes.
+  assert comp.bytes == low.bytes + 30 * 2
+  assert "all-reduce" in report.summary()
+
+
+def test_plain_pmean_counts(mesh8):
+  g = ddp_jax.shard(per_device_grads(grads_tree(), 8), mesh8, "data")
+  f = jax.jit(jax.shard_map(lambda g: jax.lax.pmean(jax.tree.map(lambda x: x[0], g), "data"),
+                            mesh=mesh8, in_specs=P("data"), out_specs=P()))
+  r = collectives(f, g)
+  assert r.lowered["all-reduce"].ops == 13 and r.lowered["all-reduce"].calls == 13
+
+
+def test_count_from_text():
+  text = """
+  %a = (f32[4]{0}, bf16[2,3]{1,0}) all-reduce(%x, %y), channel_id=1, metadata={op_name="jit(f)/ddp_bucket3/psum"}
+  %b = f32[8,3]{1,0} all-gather(%z), channel_id=2
+  %c = f32[16]{0} all-reduce-start(%w), channel_id=3
+  %d = f32[16]{0} all-reduce-done(%c)
+  %e = s8[10]{0} reduce-scatter(%v), channel_id=4
+  """
+  r = count_collectives(text)
+  assert (r["all-reduce"].ops, r["all-reduce"].operands, r["all-reduce"].bytes) == (2, 3, 92)
+  assert r["all-reduce"].calls == 2
+  assert r["all-gather"].bytes == 96 and r["reduce-scatter"].bytes == 10
+
+
+def test_works_on_pmap():
+  f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
+  r = collectives(f, np.ones((8, 3), np.float32))
+  assert r.lowered["all-reduce"].ops == 1
