@@ -8,9 +8,16 @@ A bucket is sent as a list of *operands*. How leaves become operands is the
   e.g. XLA's CPU runtime over gloo across processes);
 - ``"variadic"``: every leaf is its own operand (no copies; XLA's combiner
   merges the all-reduces into one variadic op);
-- ``"auto"``: leaves smaller than ``small_leaf_bytes`` are raveled together
-  into one operand, larger leaves travel as their own operands, so the number
-  of operands stays small and the copies stay cheap.
+- ``"auto"``: leaves smaller than a threshold are raveled together into one
+  operand, larger leaves travel as their own operands, so the number of
+  operands stays small and the copies stay cheap.
+
+The threshold weighs one collective call per operand against copying the leaf
+in and out of the shared buffer. Measured on CPU (``benchmarks/bench_sync.py``):
+a call costs ~0.15 ms in one process with 8 devices (whose copies share the
+host's cores) and ~0.3-0.5 ms over gloo between processes (one device each),
+so small leaves are raveled below 64 KiB in one process and below 1 MiB
+across processes.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ import jax.numpy as jnp
 from ddp_jax._plan import BucketSpec
 
 PACK_MODES = ("auto", "ravel", "variadic")
-# A leaf below this size is copied into the bucket's shared buffer under "auto".
-# 1 MiB: copying it costs ~0.1 ms on one CPU core, about one gloo collective call.
-AUTO_SMALL_LEAF_BYTES = 1 << 20
+RAVEL_BELOW_ONE_PROCESS = 64 << 10
+RAVEL_BELOW_MULTI_PROCESS = 1 << 20
+
+
+def auto_ravel_below() -> int:
+  """The "auto" threshold for this run: see the module docstring."""
+  return RAVEL_BELOW_ONE_PROCESS if jax.process_count() == 1 else RAVEL_BELOW_MULTI_PROCESS
 
 
 def ravel(leaves: Sequence[jax.Array]) -> jax.Array:
@@ -51,10 +62,11 @@ def split_shapes(buffer: jax.Array, shapes) -> list[jax.Array]:
 
 
 def operand_groups(spec: BucketSpec, mode: str,
-                   small_leaf_bytes: int = AUTO_SMALL_LEAF_BYTES) -> tuple[tuple[int, ...], ...]:
+                   ravel_below: int | None = None) -> tuple[tuple[int, ...], ...]:
   """Positions (within the bucket) of the leaves that make up each operand.
 
   A group of one leaf is sent in its own shape; a larger group is raveled.
+  ``ravel_below`` is the "auto" threshold in bytes (default: ``auto_ravel_below()``).
   """
   n = spec.num_leaves
   if mode == "ravel":
@@ -62,9 +74,10 @@ def operand_groups(spec: BucketSpec, mode: str,
   if mode == "variadic":
     return tuple((i,) for i in range(n))
   if mode == "auto":
+    limit = auto_ravel_below() if ravel_below is None else ravel_below
     item = spec.dtype.itemsize
-    small = tuple(i for i in range(n) if spec.lengths[i] * item < small_leaf_bytes)
-    large = tuple((i,) for i in range(n) if spec.lengths[i] * item >= small_leaf_bytes)
+    small = tuple(i for i in range(n) if spec.lengths[i] * item < limit)
+    large = tuple((i,) for i in range(n) if spec.lengths[i] * item >= limit)
     return ((small,) if small else ()) + large
   raise ValueError(f"pack must be one of {PACK_MODES}, got {mode!r}.")
 

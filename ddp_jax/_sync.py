@@ -143,6 +143,7 @@ def sync_gradients(
     bucket_indices: Sequence[Sequence[int]] | None = None,
     bucket_caps_mb: Sequence[float] | None = None,
     pack: str = "auto",
+    ravel_below_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Averages gradients across ``axis_name`` in DDP-style buckets.
 
@@ -160,7 +161,12 @@ def sync_gradients(
     order: ``"reverse"`` (gradient-ready order, DDP's default) or ``"forward"``.
     bucket_indices: explicit buckets (lists of flattened leaf indices).
     bucket_caps_mb: list of per-bucket caps in MiB (DDP ``bucket_cap_mb_list``).
-    pack: ``"auto"``, ``"ravel"`` or ``"variadic"`` (see ``ddp_jax._pack``).
+    pack: how a bucket becomes collective operands: ``"ravel"`` (one
+      contiguous buffer), ``"variadic"`` (one operand per leaf, no copies) or
+      ``"auto"`` (leaves under ``ravel_below_bytes`` share one buffer, larger
+      ones go alone; see ``ddp_jax._pack``).
+    ravel_below_bytes: the ``"auto"`` threshold; default 64 KiB in a single
+      process, 1 MiB across processes (measured, see the README).
 
   Returns:
     An optax ``GradientTransformationExtraArgs``; its state is a
@@ -187,6 +193,10 @@ def sync_gradients(
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
   if pack not in _pack.PACK_MODES:
     raise ValueError(f"pack must be one of {_pack.PACK_MODES}, got {pack!r}.")
+  if ravel_below_bytes is not None and (
+      not isinstance(ravel_below_bytes, int) or ravel_below_bytes < 0):
+    raise ValueError(
+        f"ravel_below_bytes must be a non-negative int, got {ravel_below_bytes!r}.")
   bucket_limits(bucket_cap_mb, first_bucket_cap_mb, bucket_caps_mb)  # validates the caps
   plan_kwargs = dict(bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=first_bucket_cap_mb,
                      order=order, bucket_indices=bucket_indices, bucket_caps_mb=bucket_caps_mb)
@@ -215,7 +225,8 @@ def sync_gradients(
     new_states = []
     for spec, hook_state in zip(plan.buckets, state.hook_states):
       bucket = GradBucket(spec, [leaves[i] for i in spec.leaf_indices],
-                          _pack.operand_groups(spec, pack), spec.index == plan.num_buckets - 1)
+                          _pack.operand_groups(spec, pack, ravel_below_bytes),
+                          spec.index == plan.num_buckets - 1)
       local = _local(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)

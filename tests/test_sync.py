@@ -139,6 +139,8 @@ def test_operands_per_pack_mode():
   assert _pack.operand_groups(spec, "variadic") == ((0,), (1,), (2,))
   # 2 MiB leaf travels alone; the small ones share one buffer.
   assert _pack.operand_groups(spec, "auto") == ((1, 2), (0,))
+  assert _pack.operand_groups(spec, "auto", ravel_below=41) == ((1,), (0,), (2,))
+  assert _pack.operand_groups(spec, "auto", ravel_below=1 << 22) == ((0, 1, 2),)
 
 
 def summing_hook():
@@ -246,6 +248,7 @@ def test_error_tree_changed():
     (dict(first_bucket_cap_mb=float("nan")), ValueError, "first_bucket_cap_mb"),
     (dict(bucket_caps_mb=[1, -2]), ValueError, r"bucket_caps_mb\[1\]"),
     (dict(pack="zip"), ValueError, "pack must be one of"),
+    (dict(ravel_below_bytes=-1), ValueError, "ravel_below_bytes must be a non-negative int"),
     (dict(order="random"), ValueError, "order must be one of"),
     (dict(hook=lambda b: b), TypeError, "hook must be a CommHook"),
 ])

@@ -1,7 +1,8 @@
-"""DDP's default hooks: ``allreduce`` (divide by world size, then sum) and ``noop``."""
+"""DDP's default hooks: ``allreduce`` (average by ``psum``) and ``noop``."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax.hooks._base import CommHook
@@ -12,10 +13,18 @@ def _no_state(spec):
   return ()
 
 
-def allreduce() -> CommHook:
-  """The default hook: each replica divides by the world size, then ``psum``.
+DIVIDE = ("auto", "before", "after")
 
-  Dividing before the sum is DDP's order (it keeps f16 sums from overflowing).
+
+def allreduce(divide: str = "auto") -> CommHook:
+  """The default hook: the bucket summed over the axis with ``psum``, divided by its size.
+
+  Args:
+    divide: ``"before"`` the sum is DDP's order (it keeps f16 sums from
+      overflowing); ``"after"`` lets XLA fuse the division into the consumer
+      of the all-reduce instead of making a divided copy of every gradient
+      first (about 2x faster on a CPU mesh for ResNet-50-sized trees, see the
+      README). ``"auto"``: before for 16-bit floats, after otherwise.
 
   Examples:
     >>> import jax, jax.numpy as jnp, ddp_jax
@@ -26,9 +35,18 @@ def allreduce() -> CommHook:
     [3.5 3.5 3.5 3.5 3.5 3.5 3.5 3.5]
   """
 
+  if divide not in DIVIDE:
+    raise ValueError(f"allreduce: divide must be one of {DIVIDE}, got {divide!r}.")
+
   def update_fn(bucket, state, ctx):
-    operands = tuple(x / ctx.axis_size for x in bucket.operands())
-    return bucket.from_operands(lax.psum(operands, ctx.axis_name)), state
+    before = divide == "before" or (divide == "auto" and jnp.finfo(bucket.dtype).bits <= 16)
+    operands = bucket.operands()
+    if before:
+      operands = tuple(x / ctx.axis_size for x in operands)
+    leaves = bucket.from_operands(lax.psum(operands, ctx.axis_name))
+    if not before:  # per leaf: XLA fuses each slice of a raveled operand with its divide
+      leaves = tuple(x / ctx.axis_size for x in leaves)
+    return leaves, state
 
   return CommHook(_no_state, update_fn)
 
