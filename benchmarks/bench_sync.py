@@ -64,9 +64,9 @@ def make_step(method, mesh, axis="data"):
 def global_grads(tree, mesh, axis="data"):
   """A (replicas, *shape) array per leaf, each replica's slice different."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   sharding = NamedSharding(mesh, P(axis))
   rank = jax.process_index()
@@ -85,8 +85,8 @@ def global_grads(tree, mesh, axis="data"):
 def measure(method, tree_name, mesh, repeats):
   import jax
   import numpy as np
-
   import trees
+
   from ddp_jax.inspect import collectives
 
   tree = trees.TREES[tree_name]()

@@ -12,7 +12,7 @@ from tests.helpers import per_device_grads
 
 
 def grads_tree():
-  return {"w%d" % i: jnp.zeros((64, 100 + i)) for i in range(12)} | {
+  return {f"w{i}": jnp.zeros((64, 100 + i)) for i in range(12)} | {
       "h": jnp.zeros((30,), jnp.bfloat16)}
 
 
