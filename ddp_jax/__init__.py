@@ -1,23 +1,32 @@
 """ddp_jax: PyTorch DDP's bucketed gradient synchronization, as optax transformations."""
 
 from ddp_jax import hooks, inspect
-from ddp_jax._plan import BucketPlan, BucketSpec, compute_bucket_assignment_by_size, plan_buckets
-from ddp_jax._sync import (
-    SyncState,
-    init_state,
-    replicate,
-    shard,
-    state_specs,
-    sync_gradients,
+from ddp_jax._accumulate import AccumulateState, accumulate
+from ddp_jax._distributed import (
+    broadcast_from_process0,
+    broadcast_params,
+    sync_buffers,
+    verify_replicas,
 )
+from ddp_jax._plan import BucketPlan, BucketSpec, compute_bucket_assignment_by_size, plan_buckets
+from ddp_jax._replica import init_state, replicate, shard, state_specs
+from ddp_jax._sync import SyncState, SyncStats, describe, sync_gradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
+    "accumulate",
+    "broadcast_from_process0",
+    "broadcast_params",
+    "sync_buffers",
+    "verify_replicas",
     "BucketPlan",
     "BucketSpec",
     "SyncState",
+    "SyncStats",
     "compute_bucket_assignment_by_size",
+    "describe",
     "hooks",
     "init_state",
     "inspect",

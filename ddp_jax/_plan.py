@@ -201,13 +201,20 @@ class BucketPlan:
           f"tree structure {treedef} does not match the plan's {self.treedef}.")
     return leaves
 
-  def summary(self, hook=None, world_size: int | None = None) -> str:
-    """A readable table of the buckets."""
-    del hook, world_size  # wire statistics per hook: see ddp_jax.hooks
-    rows = [("bucket", "dtype", "leaves", "elements", "bytes", "first leaf", "last leaf")]
-    for b in self.buckets:
-      rows.append((str(b.index), b.dtype.name, str(b.num_leaves), f"{b.size:,}",
-                   _human(b.nbytes), b.paths[0], b.paths[-1]))
+  def summary(self, wire=None) -> str:
+    """A readable table of the buckets.
+
+    ``wire``: optional per-bucket ``(bytes, collectives)`` a hook costs (see
+    ``ddp_jax.hooks.wire_bytes``), shown as extra columns.
+    """
+    head = ("bucket", "dtype", "leaves", "elements", "bytes", "first leaf", "last leaf")
+    rows = [head if wire is None else head[:5] + ("sent", "ratio", "calls") + head[5:]]
+    for k, b in enumerate(self.buckets):
+      row = (str(b.index), b.dtype.name, str(b.num_leaves), f"{b.size:,}", _human(b.nbytes))
+      if wire is not None:
+        sent, calls = wire[k]
+        row += (_human(sent), f"{b.nbytes / sent:.1f}x" if sent else "-", str(calls))
+      rows.append(row + (b.paths[0], b.paths[-1]))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -215,6 +222,11 @@ class BucketPlan:
     lines.append(
         f"{self.num_buckets} buckets, {_human(self.nbytes)} in "
         f"{len(self.leaf_paths) - skipped} leaves; {skipped} leaves not communicated.")
+    if wire is not None:
+      sent = sum(w[0] for w in wire)
+      lines.append(f"per step and replica: {_human(sent)} sent in "
+                   f"{sum(w[1] for w in wire)} collective calls"
+                   + (f", {self.nbytes / sent:.1f}x less than the buckets" if sent else ""))
     return "\n".join(lines)
 
   def __str__(self) -> str:

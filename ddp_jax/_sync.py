@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from ddp_jax import _pack
+from ddp_jax import _pack, _replica
 from ddp_jax._plan import ORDERS, BucketPlan, bucket_limits, is_communicated, plan_buckets
-from ddp_jax.hooks._base import CommHook, GradBucket, HookContext
+from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, wire_cost
 from ddp_jax.hooks.default import allreduce
+
+
+class SyncStats(NamedTuple):
+  """Per-step counters a training loop can log (replicated scalars).
+
+  Bytes are what one replica hands to collectives per step (float32: exact to
+  16 MiB, 7 digits beyond).
+  """
+
+  steps: jax.Array  # int32: updates synced so far
+  participating: jax.Array  # int32: replicas that took part in the last step
+  buckets: jax.Array  # int32
+  collectives: jax.Array  # int32: collective calls per step
+  bytes_sent: jax.Array  # float32
+  bytes_uncompressed: jax.Array  # float32: the buckets' own size
+  compression_ratio: jax.Array  # float32: uncompressed / sent (inf when nothing is sent)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +49,13 @@ class SyncState:
   """
 
   hook_states: tuple
+  stats: SyncStats
   signature: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
 
 jax.tree_util.register_dataclass(
-    SyncState, data_fields=["hook_states"], meta_fields=["signature"])
+    SyncState, data_fields=["hook_states", "stats"], meta_fields=["signature"])
+_replica.register_per_replica(SyncState, ("hook_states",))
 
 
 def _signature(plan: BucketPlan) -> tuple:
@@ -66,13 +86,6 @@ def _axis_size(axis_name) -> int:
   return size
 
 
-def _check_axis_name(axis_name) -> None:
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  if not names or any(not isinstance(n, str) or not n for n in names):
-    raise TypeError(
-        f"axis_name must be a mesh axis name or a tuple of them, got {axis_name!r}.")
-
-
 def _first_difference(seen: tuple, now: tuple) -> str:
   for i in range(max(len(seen), len(now))):
     a = seen[i] if i < len(seen) else None
@@ -88,14 +101,6 @@ def _describe(entry) -> str:
     return "no such leaf"
   path, shape, dtype = entry
   return f"{path} {dtype or 'not communicated'}{list(shape)}"
-
-
-def _per_replica(state):
-  return jax.tree.map(lambda x: jnp.expand_dims(x, 0), state)
-
-
-def _local(state):
-  return jax.tree.map(lambda x: x[0], state)
 
 
 def _as_leaves(reduced, bucket: GradBucket, hook: CommHook) -> tuple:
@@ -133,6 +138,43 @@ def _check_state(old, new, hook: CommHook, index: int) -> None:
         "state's structure, shapes and dtypes.")
 
 
+def _check_participating(participating):
+  flag = jnp.asarray(participating)
+  if flag.shape != () or not (flag.dtype == jnp.bool_ or jnp.issubdtype(flag.dtype, jnp.integer)):
+    raise ValueError(
+        f"sync_gradients: participating must be this replica's scalar flag (a bool, True "
+        f"while it still has data), got {flag.dtype}{list(flag.shape)}. Inside shard_map, "
+        "pass the local element, e.g. has_data[0] of a P(axis)-sharded array.")
+  return flag.astype(jnp.bool_)
+
+
+def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -> SyncStats:
+  costs = [wire_cost(hook, spec, world) for spec in plan.buckets]
+  sent = float(sum(c.bytes for c in costs))
+  raw = float(plan.nbytes)
+  return SyncStats(
+      steps=jnp.asarray(steps, jnp.int32),
+      participating=jnp.asarray(participating, jnp.int32),
+      buckets=jnp.asarray(plan.num_buckets, jnp.int32),
+      collectives=jnp.asarray(sum(c.collectives for c in costs), jnp.int32),
+      bytes_sent=jnp.asarray(sent, jnp.float32),
+      bytes_uncompressed=jnp.asarray(raw, jnp.float32),
+      compression_ratio=jnp.asarray(raw / sent if sent else np.inf, jnp.float32))
+
+
+_LOGGED: set = set()
+
+
+def _debug_log(plan: BucketPlan, hook: CommHook, axis_name, world: int) -> None:
+  """With DDP_JAX_DEBUG=1, prints each new plan once, at trace time."""
+  if os.environ.get("DDP_JAX_DEBUG", "") in ("", "0") or (plan, axis_name) in _LOGGED:
+    return
+  _LOGGED.add((plan, axis_name))
+  wire = [wire_cost(hook, spec, world) for spec in plan.buckets]
+  print(f"[ddp_jax] sync over {axis_name!r} ({world} replicas), hook "
+        f"{_hook_name(hook)}:\n{plan.summary(wire=wire)}", file=sys.stderr)
+
+
 def sync_gradients(
     axis_name,
     *,
@@ -144,14 +186,18 @@ def sync_gradients(
     bucket_caps_mb: Sequence[float] | None = None,
     pack: str = "auto",
     ravel_below_bytes: int | None = None,
+    reduce_dtype: Any = None,
+    gradient_predivide_factor: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Averages gradients across ``axis_name`` in DDP-style buckets.
 
   The gradient tree is planned into buckets by dtype and byte cap
   (:func:`plan_buckets`), each bucket is packed and handed to ``hook``
-  (default :func:`ddp_jax.hooks.allreduce`: divide by world size, ``psum``),
-  and the results are unpacked into a tree like the input. Use it inside
-  ``jax.shard_map`` or ``jax.pmap``, first in an optax chain.
+  (default :func:`ddp_jax.hooks.allreduce`), and the results are unpacked into
+  a tree like the input. Use it inside ``jax.shard_map`` or ``jax.pmap``, first
+  in an optax chain. ``update`` takes the extra argument ``participating``
+  (this replica's bool; DDP ``Join``): replicas without data pass False, add
+  zeros, and the mean divides by the number of participating replicas.
 
   Args:
     axis_name: the mapped axis (or tuple of mesh axes) to average over.
@@ -167,6 +213,11 @@ def sync_gradients(
       ones go alone; see ``ddp_jax._pack``).
     ravel_below_bytes: the ``"auto"`` threshold; default 64 KiB in a single
       process, 1 MiB across processes (measured, see the README).
+    reduce_dtype: reduce floating gradients in this dtype and cast the result
+      back (DDP ``_MixedPrecision.reduce_dtype``), e.g. ``jnp.float32`` for
+      bf16 gradients.
+    gradient_predivide_factor: Horovod's f: divide by f before the sum and by
+      ``world / f`` after it (against f16 overflow and underflow).
 
   Returns:
     An optax ``GradientTransformationExtraArgs``; its state is a
@@ -183,9 +234,9 @@ def sync_gradients(
     >>> print(jax.vmap(step, axis_name="i")(params, grads)["w"][0])
     [-1.5 -1.5]
   """
-  _check_axis_name(axis_name)
+  _replica.check_axis_name(axis_name)
   hook = allreduce() if hook is None else hook
-  if not (isinstance(hook, tuple) and len(hook) == 2 and all(map(callable, hook))):
+  if not (isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))):
     raise TypeError(
         f"hook must be a CommHook(init, update), e.g. ddp_jax.hooks.allreduce(); "
         f"got {hook!r}.")
@@ -197,21 +248,38 @@ def sync_gradients(
       not isinstance(ravel_below_bytes, int) or ravel_below_bytes < 0):
     raise ValueError(
         f"ravel_below_bytes must be a non-negative int, got {ravel_below_bytes!r}.")
+  if reduce_dtype is not None:
+    reduce_dtype = jnp.dtype(reduce_dtype)
+    if not jnp.issubdtype(reduce_dtype, jnp.floating):
+      raise ValueError(f"reduce_dtype must be a floating dtype, got {reduce_dtype}.")
+  if gradient_predivide_factor is not None and not (
+      isinstance(gradient_predivide_factor, (int, float))
+      and np.isfinite(gradient_predivide_factor) and gradient_predivide_factor > 0):
+    raise ValueError(
+        f"gradient_predivide_factor must be a positive finite number, got "
+        f"{gradient_predivide_factor!r}.")
   bucket_limits(bucket_cap_mb, first_bucket_cap_mb, bucket_caps_mb)  # validates the caps
   plan_kwargs = dict(bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=first_bucket_cap_mb,
                      order=order, bucket_indices=bucket_indices, bucket_caps_mb=bucket_caps_mb)
 
-  def init_fn(params):
-    plan = plan_buckets(params, **plan_kwargs)
-    states = tuple(_per_replica(hook.init(spec)) for spec in plan.buckets)
-    return SyncState(states, _signature(plan))
+  def cast(tree):
+    if reduce_dtype is None:
+      return tree
+    return jax.tree.map(lambda x: x.astype(reduce_dtype) if is_communicated(x) else x, tree)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def init_fn(params):
+    plan = plan_buckets(jax.eval_shape(cast, params), **plan_kwargs)
+    states = tuple(_replica.expand(hook.init(spec)) for spec in plan.buckets)
+    return SyncState(states, _stats(plan, hook, 1, 0, 0), _signature(plan))
+
+  def update_fn(updates, state, params=None, participating=None, **extra_args):
     del params, extra_args
     if not isinstance(state, SyncState):
       raise TypeError(
           f"sync_gradients: state must be the SyncState made by init, got "
           f"{type(state).__name__}.")
+    original = jax.tree_util.tree_leaves(updates)
+    updates = cast(updates)
     plan = plan_buckets(updates, **plan_kwargs)
     if _signature(plan) != state.signature:
       raise ValueError(
@@ -219,69 +287,74 @@ def sync_gradients(
           f"({_first_difference(state.signature, _signature(plan))}). Call init "
           "with params shaped like the gradients.")
     size = _axis_size(axis_name)
-    ctx = HookContext(axis_name=axis_name, axis_size=size)
+    _debug_log(plan, hook, axis_name, size)
+    flag = count = None
+    if participating is not None:
+      flag = _check_participating(participating)
+      count = lax.psum(flag.astype(jnp.int32), axis_name)
+    ctx = HookContext(axis_name, size, flag,
+                      None if count is None else jnp.maximum(count, 1),
+                      None if gradient_predivide_factor is None
+                      else float(gradient_predivide_factor))
     leaves = jax.tree_util.tree_leaves(updates)
-    out = list(leaves)
+    out = list(original)
     new_states = []
     for spec, hook_state in zip(plan.buckets, state.hook_states):
-      bucket = GradBucket(spec, [leaves[i] for i in spec.leaf_indices],
+      bucket_leaves = [leaves[i] for i in spec.leaf_indices]
+      if flag is not None:
+        bucket_leaves = [jnp.where(flag, x, jnp.zeros_like(x)) for x in bucket_leaves]
+      bucket = GradBucket(spec, bucket_leaves,
                           _pack.operand_groups(spec, pack, ravel_below_bytes),
                           spec.index == plan.num_buckets - 1)
-      local = _local(hook_state)
+      local = _replica.squeeze(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
       for i, leaf in zip(spec.leaf_indices, _as_leaves(reduced, bucket, hook)):
-        out[i] = leaf
-      new_states.append(_per_replica(new_local))
+        out[i] = leaf.astype(original[i].dtype)
+      new_states.append(_replica.expand(new_local))
+    stats = _stats(plan, hook, size, state.stats.steps + 1, size if count is None else count)
     return (jax.tree_util.tree_unflatten(plan.treedef, out),
-            SyncState(tuple(new_states), state.signature))
+            SyncState(tuple(new_states), stats, state.signature))
 
+  update_fn.ddp_config = dict(hook=hook, plan_kwargs=plan_kwargs, cast=cast, axis_name=axis_name)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def state_specs(state: Any, axis_name) -> Any:
-  """``PartitionSpec``s for an optimizer state under ``jax.shard_map``.
+def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
+  """A human table of what a sync sends: buckets, bytes, hook traffic. Prints it too.
 
-  Per-replica arrays (inside a :class:`SyncState`'s hook states) get
-  ``P(axis_name)`` on their leading axis; everything else is replicated,
-  ``P()``. Works on any optax state that contains ``SyncState``s (chains,
-  ``MultiSteps``, ``masked``) and on abstract states from ``jax.eval_shape``.
+  Args:
+    plan_or_tx: a :class:`BucketPlan`, or the transformation made by
+      :func:`sync_gradients` (then ``grads``, a tree of arrays or
+      ``jax.ShapeDtypeStruct``, is planned with its settings and hook).
+    grads: the gradient tree (for a transformation).
+    world_size: replicas, for hooks whose traffic depends on it (default: all
+      devices).
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, ddp_jax
-    >>> tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
-    >>> specs = ddp_jax.state_specs(tx.init({"w": jnp.zeros(3)}), "data")
+    >>> import jax.numpy as jnp, ddp_jax
+    >>> text = ddp_jax.describe(ddp_jax.sync_gradients("data"), {"w": jnp.zeros((8, 8))})
+    sync over 'data' with 8 replicas, hook allreduce
+    bucket  dtype    leaves  elements  bytes  sent   ratio  calls  first leaf  last leaf
+    ...
+    per step and replica: 256 B sent in 1 collective calls, 1.0x less than the buckets
   """
-  _check_axis_name(axis_name)
-  per_replica = P(axis_name)
-
-  def spec(node):
-    if isinstance(node, SyncState):
-      return SyncState(jax.tree.map(lambda _: per_replica, node.hook_states), node.signature)
-    return P()
-
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, SyncState))
-
-
-def init_state(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh,
-               axis_name) -> Any:
-  """Runs ``tx.init`` on every replica of ``mesh`` and returns a state laid out
-  for a ``jax.shard_map`` step with ``state_specs(state, axis_name)``.
-
-  ``params`` are replicated (``P()``) across the mesh.
-  """
-  specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
-  params = replicate(params, mesh)
-  fn = jax.shard_map(tx.init, mesh=mesh, in_specs=(P(),), out_specs=specs)
-  return jax.jit(fn)(params)
-
-
-def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """``device_put`` every leaf fully replicated (``P()``) over ``mesh``."""
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
-
-
-def shard(tree: Any, mesh: jax.sharding.Mesh, axis_name) -> Any:
-  """``device_put`` every leaf split along its leading axis over ``axis_name``."""
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P(axis_name)))
+  world = jax.device_count() if world_size is None else int(world_size)
+  if isinstance(plan_or_tx, BucketPlan):
+    plan, hook, head = plan_or_tx, allreduce(), ""
+  else:
+    config = getattr(getattr(plan_or_tx, "update", None), "ddp_config", None)
+    if config is None:
+      raise TypeError(
+          "describe: pass a BucketPlan or the transformation returned by "
+          f"ddp_jax.sync_gradients (not a chain around it); got {type(plan_or_tx).__name__}.")
+    if grads is None:
+      raise ValueError("describe: a transformation needs the gradient tree (grads=...).")
+    plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
+    hook = config["hook"]
+    head = (f"sync over {config['axis_name']!r} with {world} replicas, hook "
+            f"{_hook_name(hook)}\n")
+  text = head + plan.summary(wire=[wire_cost(hook, spec, world) for spec in plan.buckets])
+  print(text)
+  return text

@@ -23,6 +23,11 @@ _LINE = re.compile(
     r"(?P<kind>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
     r"(?P<start>-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?[^=]*\{\s*$")
+_CALLS = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_computation)"
+                    r"=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"(?:true|false)_computation=%?([\w.\-]+)")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _BUCKET = re.compile(r"ddp_bucket(\d+)")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -38,6 +43,7 @@ class Counts:
   operands: int = 0  # arrays summed/gathered, over all ops
   bytes: int = 0  # bytes of the results, per device
   calls: int = 0  # distinct (bucket, kind) groups plus ops outside buckets
+  in_conditional: int = 0  # ops inside a branch of a conditional (lax.cond / lax.switch)
 
 
 @dataclasses.dataclass
@@ -66,12 +72,28 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
   """Counts collectives in HLO text (``*-done`` halves of async pairs are skipped)."""
   out: dict[str, Counts] = {}
   groups: dict[str, set] = {}
+  edges: dict[str, set] = {}
+  branches: set = set()
+  where: list = []  # (kind, computation) of each op
+  computation = ""
   for line in hlo_text.splitlines():
     line = _COMMENT.sub("", line)
+    header = _HEADER.match(line)
+    if header and " = " not in line:
+      computation = header.group(1)
+      continue
+    edges.setdefault(computation, set()).update(_CALLS.findall(line))
+    for group in _BRANCHES.findall(line):
+      names = [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+      branches.update(names)
+      edges[computation].update(names)
+    if " conditional(" in line:
+      branches.update(_TRUE_FALSE.findall(line))
     m = _LINE.search(line)
     if not m:
       continue
     kind = m.group("kind")
+    where.append((kind, computation))
     c = out.setdefault(kind, Counts())
     shapes = _SHAPE.findall(m.group("type"))
     c.ops += 1
@@ -85,6 +107,15 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
     groups.setdefault(kind, set()).add(bucket.group(1) if bucket else ("op", c.ops))
   for kind, c in out.items():
     c.calls = len(groups[kind])
+  inside, todo = set(), list(branches)
+  while todo:  # everything a branch calls, transitively
+    name = todo.pop()
+    if name not in inside:
+      inside.add(name)
+      todo.extend(edges.get(name, ()))
+  for kind, comp in where:
+    if comp in inside:
+      out[kind].in_conditional += 1
   return out
 
 

@@ -24,17 +24,63 @@ from ddp_jax._plan import BucketSpec
 
 
 class HookContext(NamedTuple):
-  """What a hook knows about the mapped axis it reduces over."""
+  """What a hook knows about the mapped axis it reduces over.
 
-  axis_name: Any  # a name or a tuple of names, as given to lax.psum
-  axis_size: int  # number of replicas (static)
+  Attributes:
+    axis_name: a name or a tuple of names, as given to ``lax.psum``.
+    axis_size: number of replicas (static).
+    participating: this replica's flag (bool scalar) when the step was given
+      ``participating=`` (uneven inputs, DDP ``Join``), else None. A replica
+      that does not participate hands in zeros; stateful hooks should leave
+      their per-replica memory (residuals) unchanged on it.
+    num_participating: the number of participating replicas (int32 scalar,
+      the same on every replica), else None.
+    predivide_factor: Horovod's ``gradient_predivide_factor`` f: averaging
+      hooks divide by f before the sum and by ``divisor / f`` after it.
+  """
+
+  axis_name: Any
+  axis_size: int
+  participating: Any = None
+  num_participating: Any = None
+  predivide_factor: float | None = None
+
+  @property
+  def divisor(self):
+    """What a mean divides by: the participating replicas, or all of them."""
+    return self.axis_size if self.num_participating is None else self.num_participating
+
+
+class WireCost(NamedTuple):
+  """What one bucket costs on the wire per step, per replica."""
+
+  bytes: int  # bytes a replica hands to collectives
+  collectives: int  # collective calls
 
 
 class CommHook(NamedTuple):
-  """A communication hook: ``init(spec) -> state``, ``update(bucket, state, ctx)``."""
+  """A communication hook: ``init(spec) -> state``, ``update(bucket, state, ctx)``.
+
+  ``wire(spec, world_size) -> WireCost`` (optional) states the hook's traffic
+  statically; without it a hook is taken to all-reduce the bucket once.
+  """
 
   init: Callable[[BucketSpec], Any]
   update: Callable[[Any, Any, HookContext], tuple[Any, Any]]
+  wire: Callable[[BucketSpec, int], WireCost] | None = None
+
+
+def wire_cost(hook: CommHook, spec: BucketSpec, world_size: int) -> WireCost:
+  """The hook's static traffic for one bucket (all-reduce of the bucket by default)."""
+  wire = hook[2] if len(hook) > 2 else None
+  return WireCost(spec.nbytes, 1) if wire is None else WireCost(*wire(spec, world_size))
+
+
+def divide(x, d):
+  """``x / d`` in ``x``'s dtype, for a static or traced divisor."""
+  if isinstance(d, (int, float)):
+    return x / d
+  return x / d.astype(x.dtype)
 
 
 class GradBucket:

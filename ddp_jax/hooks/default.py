@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax.hooks._base import CommHook
+from ddp_jax.hooks._base import divide as _div
 
 
 def _no_state(spec):
@@ -39,16 +40,26 @@ def allreduce(divide: str = "auto") -> CommHook:
     raise ValueError(f"allreduce: divide must be one of {DIVIDE}, got {divide!r}.")
 
   def update_fn(bucket, state, ctx):
-    before = divide == "before" or (divide == "auto" and jnp.finfo(bucket.dtype).bits <= 16)
     operands = bucket.operands()
+    if ctx.predivide_factor is not None:  # Horovod: x / f, sum, then * f / n
+      f = ctx.predivide_factor
+      leaves = bucket.from_operands(lax.psum(tuple(x / f for x in operands), ctx.axis_name))
+      scale = f / ctx.divisor  # f / n, applied once, in the bucket's dtype
+      return tuple(x * jnp.asarray(scale, x.dtype) for x in leaves), state
+    before = divide == "before" or (divide == "auto" and jnp.finfo(bucket.dtype).bits <= 16)
     if before:
-      operands = tuple(x / ctx.axis_size for x in operands)
+      operands = tuple(_div(x, ctx.divisor) for x in operands)
     leaves = bucket.from_operands(lax.psum(operands, ctx.axis_name))
     if not before:  # per leaf: XLA fuses each slice of a raveled operand with its divide
-      leaves = tuple(x / ctx.axis_size for x in leaves)
+      leaves = tuple(_div(x, ctx.divisor) for x in leaves)
     return leaves, state
 
   return CommHook(_no_state, update_fn)
+
+
+def _silent(spec, world_size):
+  del spec, world_size
+  return (0, 0)
 
 
 def noop() -> CommHook:
@@ -58,4 +69,4 @@ def noop() -> CommHook:
     del ctx
     return bucket.leaves, state
 
-  return CommHook(_no_state, update_fn)
+  return CommHook(_no_state, update_fn, _silent)

@@ -1,0 +1,146 @@
+"""Start-up and consistency across replicas: broadcast, buffer sync, verification."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import multihost_utils
+
+from ddp_jax import _replica
+from ddp_jax._plan import path_str
+
+BUFFER_MODES = ("broadcast", "mean")
+
+
+def _numeric(x) -> bool:
+  return hasattr(x, "dtype") and x.dtype != jax.dtypes.float0 and (
+      jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_)
+
+
+def broadcast_params(tree: Any, axis_name, source: int = 0) -> Any:
+  """Every replica gets replica ``source``'s values (DDP's start-up broadcast).
+
+  Call inside a mapped step (``shard_map``/``pmap``); one ``psum`` of the tree
+  with every replica but ``source`` contributing zeros, so the result is
+  exact and replicated.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, ddp_jax
+    >>> f = jax.vmap(lambda w: ddp_jax.broadcast_params(w, "i"), axis_name="i")
+    >>> print(f(jnp.arange(4.0) + 1))
+    [1. 1. 1. 1.]
+  """
+  _replica.check_axis_name(axis_name)
+  if not isinstance(source, int) or isinstance(source, bool) or source < 0:
+    raise ValueError(f"broadcast_params: source must be a replica index >= 0, got {source!r}.")
+  index = lax.axis_index(axis_name)
+
+  def one(x):
+    if not _numeric(x):
+      return x
+    as_num = x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
+    out = lax.psum(jnp.where(index == source, as_num, jnp.zeros_like(as_num)), axis_name)
+    return out.astype(x.dtype)
+
+  return jax.tree.map(one, tree)
+
+
+def sync_buffers(buffers: Any, axis_name, how: str = "broadcast") -> Any:
+  """Keeps model buffers (e.g. flax ``batch_stats``) equal across replicas.
+
+  ``how="broadcast"``: replica 0's values (DDP ``broadcast_buffers=True``);
+  ``"mean"``: the average over replicas (SyncBatchNorm-like running stats).
+  """
+  if how not in BUFFER_MODES:
+    raise ValueError(f"sync_buffers: how must be one of {BUFFER_MODES}, got {how!r}.")
+  if how == "broadcast":
+    return broadcast_params(buffers, axis_name)
+  return jax.tree.map(
+      lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, buffers)
+
+
+def broadcast_from_process0(tree: Any) -> Any:
+  """Host level: every process gets process 0's values (multi-process start-up).
+
+  A thin wrapper of ``jax.experimental.multihost_utils.broadcast_one_to_all``
+  that first checks the tree matches across processes (a mismatch would hang
+  or fail obscurely inside the collective).
+  """
+  verify_replicas(tree)
+  return multihost_utils.broadcast_one_to_all(tree)
+
+
+def _digest(text: bytes) -> np.ndarray:
+  return np.frombuffer(hashlib.blake2b(text, digest_size=8).digest(), np.int32)
+
+
+def _local_bytes(x) -> bytes:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_shards[0].data
+  return np.ascontiguousarray(np.asarray(x)).tobytes()
+
+
+def verify_replicas(tree: Any, check_values: bool = False) -> None:
+  """Checks every process holds the same tree: structure, shapes, dtypes (and values).
+
+  DDP's ``verify_params_across_processes``. Collective over all processes
+  (call it on all of them). With ``check_values``, the values are compared too,
+  as well as the device copies of each fully replicated array inside this
+  process. Raises ``ValueError`` naming the first mismatching leaf path and
+  process.
+
+  Examples:
+    >>> import jax.numpy as jnp, ddp_jax
+    >>> ddp_jax.verify_replicas({"w": jnp.ones(3)}, check_values=True)
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [path_str(p) for p, _ in with_path]
+  me = jax.process_index()
+  if jax.process_count() > 1:
+    head = np.concatenate([np.array([len(paths)], np.int32), _digest(str(treedef).encode())])
+    heads = np.asarray(multihost_utils.process_allgather(head))
+    for proc, other in enumerate(heads):
+      if other[0] != len(paths):
+        raise ValueError(
+            f"verify_replicas: process {proc} has {other[0]} leaves, process {me} has "
+            f"{len(paths)} (first leaf here: {paths[0] if paths else '-'}).")
+    rows = []
+    for (_, x), name in zip(with_path, paths):
+      meta = f"{name}|{tuple(np.shape(x))}|{np.result_type(x)}".encode()
+      row = [_digest(meta)]
+      if check_values:
+        row.append(_digest(_local_bytes(x)))
+      rows.append(np.concatenate(row))
+    mine = np.stack(rows) if rows else np.zeros((0, 4 if check_values else 2), np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    for i, name in enumerate(paths):
+      for proc in range(every.shape[0]):
+        if not np.array_equal(every[proc, i, :2], mine[i, :2]):
+          x = with_path[i][1]
+          raise ValueError(
+              f"verify_replicas: leaf {i} {name} ({np.result_type(x)}{list(np.shape(x))} on "
+              f"process {me}) differs in path, shape or dtype on process {proc}.")
+        if check_values and not np.array_equal(every[proc, i, 2:], mine[i, 2:]):
+          raise ValueError(
+              f"verify_replicas: leaf {name} has different values on process {proc} "
+              f"than on process {me}.")
+    if not np.array_equal(heads[:, 1:], np.broadcast_to(heads[me, 1:], heads[:, 1:].shape)):
+      proc = int(np.nonzero((heads[:, 1:] != heads[me, 1:]).any(axis=1))[0][0])
+      raise ValueError(
+          f"verify_replicas: the tree's container types differ on process {proc} "
+          f"({treedef} on process {me}).")
+  if check_values:
+    for name, (_, x) in zip(paths, with_path):
+      if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+        shards = x.addressable_shards
+        first = np.asarray(shards[0].data)
+        for shard in shards[1:]:
+          if not np.array_equal(np.asarray(shard.data), first, equal_nan=True):
+            raise ValueError(
+                f"verify_replicas: leaf {name} is replicated but device {shard.device} "
+                f"holds different values than device {shards[0].device} (process {me}).")

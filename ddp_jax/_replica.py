@@ -1,0 +1,130 @@
+"""Per-replica state: its layout convention, its shard_map specs, and array placement.
+
+Some optimizer state differs per replica (error-feedback residuals, locally
+accumulated gradients). Such arrays carry a leading replica axis of local size
+1: under ``jax.shard_map`` with ``P(axis)`` their global shape is
+``(replicas, *local_shape)``; under ``jax.pmap`` every device holds ``(1, ...)``.
+State classes declare which of their fields are per replica with
+:func:`register_per_replica`; :func:`state_specs` then gives those ``P(axis)``
+and everything else ``P()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# class -> (per-replica field names, whether the fields carry the leading replica axis)
+_PER_REPLICA: dict[type, tuple[tuple[str, ...], bool]] = {}
+
+
+def register_per_replica(cls: type, fields: tuple[str, ...], leading_axis: bool = True):
+  """Declares ``fields`` of state class ``cls`` per replica (see module docstring)."""
+  _PER_REPLICA[cls] = (tuple(fields), leading_axis)
+  return cls
+
+
+# optax.MultiSteps accumulates each replica's own gradients, without a replica axis.
+register_per_replica(optax.MultiStepsState, ("acc_grads",), leading_axis=False)
+
+
+def expand(tree):
+  """Local per-replica state -> stored form (leading axis of size 1)."""
+  return jax.tree.map(lambda x: jnp.expand_dims(x, 0), tree)
+
+
+def squeeze(tree):
+  """Stored per-replica state -> local form."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def check_axis_name(axis_name) -> None:
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if not names or any(not isinstance(n, str) or not n for n in names):
+    raise TypeError(
+        f"axis_name must be a mesh axis name or a tuple of them, got {axis_name!r}.")
+
+
+def state_specs(state: Any, axis_name) -> Any:
+  """``PartitionSpec``s for an optimizer state under ``jax.shard_map``.
+
+  Per-replica arrays (a :class:`~ddp_jax.SyncState`'s hook states, the local
+  sums of :func:`~ddp_jax.accumulate` and of ``optax.MultiSteps``) get
+  ``P(axis_name)``; everything else is replicated, ``P()``. Works on any optax
+  state (chains, ``masked``, ``MultiSteps``) and on abstract states from
+  ``jax.eval_shape``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, ddp_jax
+    >>> tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
+    >>> specs = ddp_jax.state_specs(tx.init({"w": jnp.zeros(3)}), "data")
+  """
+  check_axis_name(axis_name)
+  per_replica = P(axis_name)
+
+  def field_spec(cls, name, value, leading_axis):
+    def leaf(path, x):
+      if not leading_axis and jnp.ndim(x) == 0:
+        raise ValueError(
+            f"state_specs: {cls.__name__}.{name}{jax.tree_util.keystr(path)} is a per-replica "
+            "scalar with no axis to shard over; use ddp_jax.accumulate(tx, k) instead of "
+            "optax.MultiSteps for trees with scalar leaves.")
+      return per_replica
+    return jax.tree_util.tree_map_with_path(leaf, value)
+
+  def spec(node):
+    cls = type(node)
+    if cls in _PER_REPLICA:
+      fields, leading_axis = _PER_REPLICA[cls]
+      children = {}
+      for name in _field_names(node):
+        value = getattr(node, name)
+        if name in fields:
+          children[name] = field_spec(cls, name, value, leading_axis)
+        else:
+          children[name] = state_specs(value, axis_name)
+      return _replace(node, children)
+    return P()
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: type(x) in _PER_REPLICA)
+
+
+def _field_names(node) -> tuple[str, ...]:
+  if hasattr(node, "_fields"):  # NamedTuple
+    return node._fields
+  return tuple(f.name for f in node.__dataclass_fields__.values()
+               if not f.metadata.get("static"))
+
+
+def _replace(node, children):
+  if hasattr(node, "_replace"):
+    return node._replace(**children)
+  import dataclasses
+  return dataclasses.replace(node, **children)
+
+
+def init_state(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh,
+               axis_name) -> Any:
+  """Runs ``tx.init`` on every replica of ``mesh``; returns a state laid out for a
+  ``jax.shard_map`` step with ``state_specs(state, axis_name)``.
+
+  ``params`` are replicated (``P()``) across the mesh first.
+  """
+  specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
+  fn = jax.shard_map(tx.init, mesh=mesh, in_specs=(P(),), out_specs=specs)
+  return jax.jit(fn)(replicate(params, mesh))
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``device_put`` every leaf fully replicated (``P()``) over ``mesh``."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard(tree: Any, mesh: jax.sharding.Mesh, axis_name) -> Any:
+  """``device_put`` every leaf split along its leading axis over ``axis_name``."""
+  return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
