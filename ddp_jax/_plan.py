@@ -204,16 +204,17 @@ class BucketPlan:
   def summary(self, wire=None) -> str:
     """A readable table of the buckets.
 
-    ``wire``: optional per-bucket ``(bytes, collectives)`` a hook costs (see
-    ``ddp_jax.hooks.wire_bytes``), shown as extra columns.
+    ``wire``: optional per-bucket ``(bytes sent, collective calls, bytes an
+    all-reduce of the bucket would send)`` for a hook (see ``ddp_jax.describe``),
+    shown as extra columns.
     """
     head = ("bucket", "dtype", "leaves", "elements", "bytes", "first leaf", "last leaf")
     rows = [head if wire is None else head[:5] + ("sent", "ratio", "calls") + head[5:]]
     for k, b in enumerate(self.buckets):
       row = (str(b.index), b.dtype.name, str(b.num_leaves), f"{b.size:,}", _human(b.nbytes))
       if wire is not None:
-        sent, calls = wire[k]
-        row += (_human(sent), f"{b.nbytes / sent:.1f}x" if sent else "-", str(calls))
+        sent, calls, baseline = wire[k]
+        row += (_human(sent), f"{baseline / sent:.1f}x" if sent else "-", str(calls))
       rows.append(row + (b.paths[0], b.paths[-1]))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -223,17 +224,19 @@ class BucketPlan:
         f"{self.num_buckets} buckets, {_human(self.nbytes)} in "
         f"{len(self.leaf_paths) - skipped} leaves; {skipped} leaves not communicated.")
     if wire is not None:
-      sent = sum(w[0] for w in wire)
+      sent, base = sum(w[0] for w in wire), sum(w[2] for w in wire)
       lines.append(f"per step and replica: {_human(sent)} sent in "
                    f"{sum(w[1] for w in wire)} collective calls"
-                   + (f", {self.nbytes / sent:.1f}x less than the buckets" if sent else ""))
+                   + (f", {base / sent:.1f}x less than all-reducing the buckets"
+                      if sent else ""))
     return "\n".join(lines)
 
   def __str__(self) -> str:
     return self.summary()
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
+  n = float(n)
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024 or unit == "GiB":
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

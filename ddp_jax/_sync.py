@@ -16,23 +16,23 @@ from jax import lax
 
 from ddp_jax import _pack, _replica
 from ddp_jax._plan import ORDERS, BucketPlan, bucket_limits, is_communicated, plan_buckets
-from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, wire_cost
+from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, allreduce_bytes, wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
 class SyncStats(NamedTuple):
   """Per-step counters a training loop can log (replicated scalars).
 
-  Bytes are what one replica hands to collectives per step (float32: exact to
-  16 MiB, 7 digits beyond).
+  Bytes are what one replica sends per step under the ring algorithms (an
+  all-reduce of B bytes sends 2 (N-1)/N B), as float32 (7 digits).
   """
 
   steps: jax.Array  # int32: updates synced so far
   participating: jax.Array  # int32: replicas that took part in the last step
   buckets: jax.Array  # int32
   collectives: jax.Array  # int32: collective calls per step
-  bytes_sent: jax.Array  # float32
-  bytes_uncompressed: jax.Array  # float32: the buckets' own size
+  bytes_sent: jax.Array  # float32: bytes one replica sends (ring algorithms)
+  bytes_uncompressed: jax.Array  # float32: what an all-reduce of the buckets would send
   compression_ratio: jax.Array  # float32: uncompressed / sent (inf when nothing is sent)
 
 
@@ -151,7 +151,7 @@ def _check_participating(participating):
 def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -> SyncStats:
   costs = [wire_cost(hook, spec, world) for spec in plan.buckets]
   sent = float(sum(c.bytes for c in costs))
-  raw = float(plan.nbytes)
+  raw = float(sum(allreduce_bytes(spec.nbytes, world) for spec in plan.buckets))
   return SyncStats(
       steps=jnp.asarray(steps, jnp.int32),
       participating=jnp.asarray(participating, jnp.int32),
@@ -170,9 +170,14 @@ def _debug_log(plan: BucketPlan, hook: CommHook, axis_name, world: int) -> None:
   if os.environ.get("DDP_JAX_DEBUG", "") in ("", "0") or (plan, axis_name) in _LOGGED:
     return
   _LOGGED.add((plan, axis_name))
-  wire = [wire_cost(hook, spec, world) for spec in plan.buckets]
   print(f"[ddp_jax] sync over {axis_name!r} ({world} replicas), hook "
-        f"{_hook_name(hook)}:\n{plan.summary(wire=wire)}", file=sys.stderr)
+        f"{_hook_name(hook)}:\n{plan.summary(wire=_wire_rows(plan, hook, world))}",
+        file=sys.stderr)
+
+
+def _wire_rows(plan: BucketPlan, hook: CommHook, world: int) -> list[tuple]:
+  return [tuple(wire_cost(hook, spec, world)) + (allreduce_bytes(spec.nbytes, world),)
+          for spec in plan.buckets]
 
 
 def sync_gradients(
@@ -334,11 +339,12 @@ def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
 
   Examples:
     >>> import jax.numpy as jnp, ddp_jax
-    >>> text = ddp_jax.describe(ddp_jax.sync_gradients("data"), {"w": jnp.zeros((8, 8))})
+    >>> tx = ddp_jax.sync_gradients("data")
+    >>> text = ddp_jax.describe(tx, {"w": jnp.zeros((8, 8))}, world_size=8)
     sync over 'data' with 8 replicas, hook allreduce
     bucket  dtype    leaves  elements  bytes  sent   ratio  calls  first leaf  last leaf
     ...
-    per step and replica: 256 B sent in 1 collective calls, 1.0x less than the buckets
+    per step and replica: 448 B sent in 1 collective calls, 1.0x less than all-reducing the buckets
   """
   world = jax.device_count() if world_size is None else int(world_size)
   if isinstance(plan_or_tx, BucketPlan):
@@ -355,6 +361,6 @@ def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
     hook = config["hook"]
     head = (f"sync over {config['axis_name']!r} with {world} replicas, hook "
             f"{_hook_name(hook)}\n")
-  text = head + plan.summary(wire=[wire_cost(hook, spec, world) for spec in plan.buckets])
+  text = head + plan.summary(wire=_wire_rows(plan, hook, world))
   print(text)
   return text

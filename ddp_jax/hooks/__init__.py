@@ -1,15 +1,40 @@
-"""Communication hooks: how a bucket of gradients is reduced across replicas."""
+"""Communication hooks: how a bucket of gradients is reduced across replicas.
 
-from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, WireCost, wire_cost
-from ddp_jax.hooks.default import allreduce, noop
+A hook is a ``CommHook(init, update, wire=None)`` of pure functions; its state lives in
+the sync transformation's optax state. One file per hook family.
+"""
+
+from ddp_jax.hooks._base import (
+    CommHook,
+    GradBucket,
+    HookContext,
+    WireCost,
+    allgather_bytes,
+    allreduce_bytes,
+    reduce_scatter_bytes,
+    wire_cost,
+)
+from ddp_jax.hooks.compression import (
+    bf16_compress,
+    bf16_compress_wrapper,
+    compress_wrapper,
+    fp16_compress,
+    fp16_compress_wrapper,
+)
+from ddp_jax.hooks.default import allgather_then_aggregate, allreduce, noop
+from ddp_jax.hooks.error_feedback import error_feedback
+from ddp_jax.hooks.quantization import int8_allreduce, quantize_per_channel, quantize_per_tensor
 
 __all__ = [
-    "CommHook", "GradBucket", "HookContext", "WireCost", "allreduce", "noop", "wire_cost",
-    "wire_bytes",
+    "CommHook", "GradBucket", "HookContext", "WireCost", "allgather_bytes",
+    "allgather_then_aggregate", "allreduce", "allreduce_bytes", "bf16_compress",
+    "bf16_compress_wrapper", "compress_wrapper", "error_feedback", "fp16_compress",
+    "fp16_compress_wrapper", "int8_allreduce", "noop", "quantize_per_channel",
+    "quantize_per_tensor", "reduce_scatter_bytes", "wire_bytes", "wire_cost",
 ]
 
 
 def wire_bytes(hook: CommHook, plan, world_size: int) -> list[WireCost]:
-  """Per bucket of ``plan``: the bytes and collective calls ``hook`` costs a replica
-  per step, from shapes alone (nothing runs)."""
+  """Per bucket of ``plan``: the bytes one replica sends and the collective calls
+  ``hook`` makes per step, from shapes alone (nothing runs)."""
   return [wire_cost(hook, spec, world_size) for spec in plan.buckets]

@@ -13,11 +13,13 @@ sync transformation keeps one state per bucket in its optax state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from ddp_jax import _pack
 from ddp_jax._plan import BucketSpec
@@ -52,10 +54,26 @@ class HookContext(NamedTuple):
 
 
 class WireCost(NamedTuple):
-  """What one bucket costs on the wire per step, per replica."""
+  """What one bucket costs on the wire per step: bytes one replica sends, assuming
+  the bandwidth-optimal ring algorithms (see :func:`allreduce_bytes`, ...)."""
 
-  bytes: int  # bytes a replica hands to collectives
+  bytes: float
   collectives: int  # collective calls
+
+
+def allreduce_bytes(nbytes: int, world: int) -> float:
+  """A ring all-reduce of ``nbytes``: each replica sends ``2 (N-1)/N`` of it."""
+  return 2 * (world - 1) / world * nbytes
+
+
+def allgather_bytes(nbytes: int, world: int) -> float:
+  """An all-gather of ``nbytes`` per replica: each sends ``(N-1) x nbytes``."""
+  return (world - 1) * nbytes
+
+
+def reduce_scatter_bytes(nbytes: int, world: int) -> float:
+  """A ring reduce-scatter of ``nbytes``: each replica sends ``(N-1)/N`` of it."""
+  return (world - 1) / world * nbytes
 
 
 class CommHook(NamedTuple):
@@ -63,6 +81,15 @@ class CommHook(NamedTuple):
 
   ``wire(spec, world_size) -> WireCost`` (optional) states the hook's traffic
   statically; without it a hook is taken to all-reduce the bucket once.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jax import lax
+    >>> from ddp_jax.hooks import CommHook
+    >>> def mean_hook():
+    ...   def update_fn(bucket, state, ctx):
+    ...     return lax.psum(bucket.buffer(), ctx.axis_name) / ctx.axis_size, state
+    ...   return CommHook(lambda spec: (), update_fn)
   """
 
   init: Callable[[BucketSpec], Any]
@@ -73,7 +100,9 @@ class CommHook(NamedTuple):
 def wire_cost(hook: CommHook, spec: BucketSpec, world_size: int) -> WireCost:
   """The hook's static traffic for one bucket (all-reduce of the bucket by default)."""
   wire = hook[2] if len(hook) > 2 else None
-  return WireCost(spec.nbytes, 1) if wire is None else WireCost(*wire(spec, world_size))
+  if wire is None:
+    return WireCost(allreduce_bytes(spec.nbytes, world_size), 1)
+  return WireCost(*wire(spec, world_size))
 
 
 def divide(x, d):
@@ -119,6 +148,15 @@ class GradBucket:
       return (self.buffer(),)
     return _pack.to_operands(self.leaves, self.groups)
 
+  def replace(self, leaves, dtype=None) -> GradBucket:
+    """The same bucket holding other leaves (e.g. a half-precision copy)."""
+    spec = self.spec if dtype is None else dataclasses.replace(self.spec, dtype=jnp.dtype(dtype))
+    return GradBucket(spec, leaves, self.groups, self.is_last)
+
+  def from_flat(self, flat) -> tuple[jax.Array, ...]:
+    """Leaves from a 1-D array laid out like :meth:`buffer`."""
+    return tuple(_pack.split(flat, self.spec))
+
   def from_operands(self, operands) -> tuple[jax.Array, ...]:
     """Leaves from operands shaped like :meth:`operands`."""
     return _pack.from_operands(operands, self.groups, self.shapes)
@@ -126,3 +164,15 @@ class GradBucket:
   def __repr__(self) -> str:
     return (f"GradBucket(index={self.index}, dtype={self.dtype.name}, "
             f"leaves={len(self.leaves)}, size={self.size})")
+
+
+def to_leaves(reduced, bucket: GradBucket) -> tuple:
+  """A hook's result (flat array or leaves) as leaves (no validation: sync validates)."""
+  if hasattr(reduced, "shape"):
+    return bucket.from_flat(reduced)
+  return tuple(reduced)
+
+
+def hook_wire(hook: CommHook):
+  """The hook's ``wire`` function, or None."""
+  return hook[2] if len(hook) > 2 else None

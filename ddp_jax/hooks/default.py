@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook
+from ddp_jax.hooks._base import CommHook, WireCost, allgather_bytes
 from ddp_jax.hooks._base import divide as _div
 
 
@@ -70,3 +70,23 @@ def noop() -> CommHook:
     return bucket.leaves, state
 
   return CommHook(_no_state, update_fn, _silent)
+
+
+def allgather_then_aggregate() -> CommHook:
+  """All-gather every replica's bucket, average locally (DDP's ``allgather_then_aggregate``).
+
+  Sends ``(N-1) x`` the bucket per replica instead of all-reduce's ``2 (N-1)/N``: a
+  reference and debugging hook, not a fast one.
+  """
+
+  def update_fn(bucket, state, ctx):
+    gathered = lax.all_gather(bucket.buffer(), ctx.axis_name)  # (N, size)
+    total = gathered[0]
+    for r in range(1, gathered.shape[0]):  # in rank order, like DDP's loop
+      total = total + gathered[r]
+    return _div(total, ctx.divisor), state
+
+  def wire_fn(spec, world):
+    return WireCost(allgather_bytes(spec.nbytes, world), 1)
+
+  return CommHook(_no_state, update_fn, wire_fn)

@@ -1,0 +1,138 @@
+"""Integer quantization hooks: DDP's per-tensor / per-channel uint8 (all-gather protocol)
+and ``int8_allreduce`` (shared scale, all-reduce that scales with world size)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ddp_jax.hooks._base import (
+    CommHook,
+    WireCost,
+    allgather_bytes,
+    allreduce_bytes,
+    divide,
+)
+
+QUANT_MIN, QUANT_MAX = 0, 255
+EPS = float(np.finfo(np.float32).eps)  # MinMaxObserver's eps
+
+
+def _no_state(spec):
+  del spec
+  return ()
+
+
+def minmax_qparams(x: jnp.ndarray, axis=None):
+  """uint8 affine (scale, zero_point) from min/max, as ``torch.ao.quantization``'s
+  ``MinMaxObserver`` (``axis=None``) or ``PerChannelMinMaxObserver`` (``axis=1`` over rows)
+  compute them with their defaults (quint8, affine, range 0..255)."""
+  x = x.astype(jnp.float32)
+  lo = jnp.min(x, axis=axis)
+  hi = jnp.max(x, axis=axis)
+  lo_neg = jnp.minimum(lo, 0.0)
+  hi_pos = jnp.maximum(hi, 0.0)
+  scale = (hi_pos - lo_neg) / jnp.float32(QUANT_MAX - QUANT_MIN)
+  scale = jnp.maximum(scale, jnp.float32(EPS))
+  zero_point = QUANT_MIN - jnp.round(lo_neg / scale)
+  return scale, jnp.clip(zero_point, QUANT_MIN, QUANT_MAX)
+
+
+def quantize(x, scale, zero_point):
+  """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8 (torch's backend)."""
+  y = jnp.round(x.astype(jnp.float32) / scale) + zero_point
+  return jnp.clip(y, QUANT_MIN, QUANT_MAX).astype(jnp.uint8)
+
+
+def dequantize(y, scale, zero_point):
+  return scale * (y.astype(jnp.float32) - zero_point)
+
+
+def _gather_and_average(q, qparams, ctx, shape_fn):
+  """All-gather quantized buckets and their qparams, dequantize each, average."""
+  all_q = lax.all_gather(q, ctx.axis_name)
+  all_p = lax.all_gather(qparams, ctx.axis_name)
+  total = jnp.zeros(q.shape, jnp.float32)
+  for r in range(all_q.shape[0]):  # in rank order, like DDP's loop
+    total = total + dequantize(all_q[r], shape_fn(all_p[r, 0]), shape_fn(all_p[r, 1]))
+  return total
+
+
+def quantize_per_tensor() -> CommHook:
+  """DDP's ``quantization_pertensor_hook``: per-worker uint8 min/max qparams, all-gather of
+  qparams and quantized buckets, dequantize each worker's part, average.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, ddp_jax
+    >>> tx = ddp_jax.sync_gradients("i", hook=quantize_per_tensor())
+    >>> g = {"w": jnp.linspace(-1, 1, 8).reshape(4, 2)}
+    >>> out = jax.vmap(lambda g: tx.update(g, tx.init(g))[0], axis_name="i")(g)
+    >>> out["w"].shape
+    (4, 2)
+  """
+
+  def update_fn(bucket, state, ctx):
+    x = bucket.buffer()
+    scale, zp = minmax_qparams(x)
+    q = quantize(x, scale, zp)
+    total = _gather_and_average(q, jnp.stack([scale, zp]), ctx, lambda v: v)
+    return divide(total, ctx.divisor).astype(bucket.dtype), state
+
+  def wire_fn(spec, world):
+    return WireCost(allgather_bytes(spec.size + 8, world), 2)
+
+  return CommHook(_no_state, update_fn, wire_fn)
+
+
+def quantize_per_channel(channel_size: int = 512) -> CommHook:
+  """DDP's ``quantization_perchannel_hook``: the raveled bucket zero-padded into rows of
+  ``channel_size`` (as DDP: a full extra row when the length divides evenly), per-row
+  qparams as ``PerChannelMinMaxObserver``, all-gather protocol."""
+  if isinstance(channel_size, bool) or not isinstance(channel_size, int) or channel_size < 1:
+    raise ValueError(f"quantize_per_channel: channel_size must be an int >= 1, got "
+                     f"{channel_size!r}.")
+
+  def rows_of(size):
+    return (size + channel_size - size % channel_size) // channel_size
+
+  def update_fn(bucket, state, ctx):
+    x = bucket.buffer().astype(jnp.float32)
+    rows = rows_of(bucket.size)
+    padded = jnp.pad(x, (0, rows * channel_size - bucket.size)).reshape(rows, channel_size)
+    scale, zp = minmax_qparams(padded, axis=1)
+    q = quantize(padded, scale[:, None], zp[:, None])
+    total = _gather_and_average(q, jnp.stack([scale, zp]), ctx, lambda v: v[:, None])
+    flat = total.reshape(-1)[: bucket.size]
+    return divide(flat, ctx.divisor).astype(bucket.dtype), state
+
+  def wire_fn(spec, world):
+    rows = rows_of(spec.size)
+    return WireCost(allgather_bytes(rows * channel_size + 8 * rows, world), 2)
+
+  return CommHook(_no_state, update_fn, wire_fn)
+
+
+def int8_allreduce() -> CommHook:
+  """Quantized all-reduce whose traffic does not grow with world size.
+
+  Every replica quantizes its bucket to int8 levels ([-127, 127]) with one scale shared
+  by all replicas (a ``pmax`` of the absolute maxima: one scalar). XLA sums an s8
+  all-reduce in int8, which overflows, so the levels travel widened to int16 (a sum of
+  up to 258 replicas is exact) in one all-reduce: 2 bytes per element against f32's 4,
+  ring traffic ``2 (N-1)/N x 2 bytes`` per element, where DDP's all-gather protocol
+  sends ``(N-1) x 1 byte`` (more from N = 5 on). Error per element: at most ``scale / 2``.
+  """
+
+  def update_fn(bucket, state, ctx):
+    x = bucket.buffer().astype(jnp.float32)
+    amax = lax.pmax(jnp.max(jnp.abs(x)), ctx.axis_name)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int16)
+    total = lax.psum(q, ctx.axis_name).astype(jnp.float32) * scale
+    return divide(total, ctx.divisor).astype(bucket.dtype), state
+
+  def wire_fn(spec, world):
+    return WireCost(allreduce_bytes(2 * spec.size, world) + allreduce_bytes(4, world), 2)
+
+  return CommHook(_no_state, update_fn, wire_fn)
