@@ -115,3 +115,31 @@ def test_quantized_means_match(mesh8, seed, per_channel):
   theirs = torch_dequantized_mean(x, per_channel)
   # Same quantized values; the dequantize-and-sum may fuse into FMAs in XLA: last-bit noise.
   np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def flax_to_torch_shape(shape):
+  """A flax kernel (..., in, out) / conv (kh, kw, in, out) as torch lays the weight out."""
+  if len(shape) == 2:
+    return (shape[1], shape[0])
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return shape
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_powersgd_compress_decision_identical(seed):
+  from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+  from ddp_jax.hooks.powersgd import matrix_shape, should_compress
+  rng = np.random.default_rng(seed)
+  for _ in range(200):
+    ndim = int(rng.choice([1, 2, 4]))
+    shape = tuple(int(d) for d in rng.integers(1, 300 if ndim < 4 else 12, size=ndim))
+    rank = int(rng.integers(1, 9))
+    rate = float(rng.choice([0.5, 1, 2, 4]))
+    n, m = matrix_shape(shape)
+    t = torch.empty(flax_to_torch_shape(shape)).view(flax_to_torch_shape(shape)[0], -1)
+    tn, tm = t.shape
+    ours = should_compress(n, m, min(n, m, rank), rate)
+    theirs = _should_compress(tn, tm, min(tn, tm, rank), rate)
+    assert ours == theirs, (shape, rank, rate)

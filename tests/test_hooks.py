@@ -24,6 +24,13 @@ HOOKS = {
     "quantize_per_channel": (lambda: hooks.quantize_per_channel(64), 1e-2),
     "int8_allreduce": (hooks.int8_allreduce, 1e-2),
     "error_feedback_fp16": (lambda: hooks.error_feedback(hooks.fp16_compress()), 4e-3),
+    "powersgd_full_rank": (lambda: hooks.powersgd(rank=16, start_iter=0,
+                                                  min_compression_rate=0), 1e-4),
+    "powersgd_batched_shapes": (lambda: hooks.powersgd(
+        rank=16, start_iter=0, min_compression_rate=0, batch_tensors_with_same_shape=True), 1e-4),
+    "fp16_wrapper_powersgd": (lambda: hooks.fp16_compress_wrapper(
+        hooks.powersgd(rank=16, start_iter=0, min_compression_rate=0)), 1e-2),
+    "batched_powersgd_full_rank": (lambda: hooks.batched_powersgd(rank=64, start_iter=0), 1e-4),
 }
 
 
@@ -160,3 +167,120 @@ def test_quantize_per_channel_bad_size(k):
 def test_compress_wrapper_bad_dtype():
   with pytest.raises(ValueError, match="dtype must be a floating dtype"):
     hooks.compress_wrapper(hooks.allreduce(), jnp.int8)
+
+
+# ---- PowerSGD ---------------------------------------------------------------------------
+
+
+def test_powersgd_full_rank_is_exact(mesh8):
+  """rank >= min(n, m) (compression forced with min_compression_rate=0): the exact mean."""
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    shapes = [tuple(int(d) for d in rng.integers(1, 12, size=rng.integers(1, 4)))
+              for _ in range(4)]
+    params = {f"p{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
+    hook = hooks.powersgd(rank=12, start_iter=0, min_compression_rate=0)
+    g = per_device_grads(params, 8, seed=int(rng.integers(100)))
+    u, state = run_shard_map(ddp_jax.sync_gradients("data", hook=hook), g, mesh8, steps=3)
+    assert_mean(u, g, rtol=1e-4, atol=1e-4)
+
+
+def lowrank_grads(n=8, seed=0):
+  """Per-replica gradients close to a shared rank-2 structure, plus noise."""
+  rng = np.random.default_rng(seed)
+  a, b = rng.standard_normal((64, 2)), rng.standard_normal((2, 48))
+  w = np.stack([a @ (b + 0.1 * rng.standard_normal((2, 48))) for _ in range(n)])
+  return {"w": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(rng.standard_normal((n, 48)),
+                                                                  jnp.float32)}
+
+
+def test_powersgd_vanilla_until_start_then_compresses(mesh8):
+  g = lowrank_grads()
+  hook = hooks.powersgd(rank=2, start_iter=2)
+  tx = ddp_jax.sync_gradients("data", hook=hook)
+  params = jax.tree.map(lambda x: x[0], g)
+  state = ddp_jax.init_state(tx, params, mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  def step(s, g):
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
+    return jax.tree.map(lambda x: x[None], u), s
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
+                             out_specs=(P("data"), specs)))
+  gs = ddp_jax.shard(g, mesh8, "data")
+  for t in range(4):
+    u, state = fn(state, gs)
+    hs = jax.tree.map(np.asarray, state.hook_states)[0]
+    assert int(hs["iter"][0]) == t + 1
+    if t < 2:
+      assert_mean(u, g, rtol=1e-5, atol=1e-5)
+      assert np.all(hs["residual"] == 0)
+    else:
+      # The bias is all-reduced uncompressed; the low-rank kernel is close, not exact.
+      assert_mean(u["bias"], g["bias"], rtol=1e-5, atol=1e-5)
+      err = np.abs(np.asarray(u["w"])[0] - np.asarray(g["w"]).mean(0)).max()
+      assert 0 < err < 0.5 * np.abs(np.asarray(g["w"])).max()
+      assert np.all(hs["rel_error"] > 0) and np.all(hs["residual_norm"] > 0)
+  costs = hooks.wire_bytes(hook, ddp_jax.plan_buckets(params), 8)
+  full = hooks.wire_bytes(hooks.allreduce(), ddp_jax.plan_buckets(params), 8)
+  assert sum(c.bytes for c in costs) < 0.25 * sum(c.bytes for c in full)
+
+
+def test_powersgd_error_feedback_conserves(mesh8):
+  g0 = lowrank_grads()
+  tx = ddp_jax.sync_gradients("data", hook=hooks.powersgd(rank=1, start_iter=0))
+  params = jax.tree.map(lambda x: x[0], g0)
+  state = ddp_jax.init_state(tx, params, mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  def step(s, g):
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
+    return jax.tree.map(lambda x: x[None], u), s
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
+                             out_specs=(P("data"), specs)))
+  applied = true = 0
+  for t in range(10):
+    g = lowrank_grads(seed=t)
+    u, state = fn(state, ddp_jax.shard(g, mesh8, "data"))
+    plan = ddp_jax.plan_buckets(params)
+    flat = lambda tree: np.concatenate(  # noqa: E731
+        [np.asarray(tree[p.split("'")[1]], np.float64).reshape(8, -1)
+         for p in plan.buckets[0].paths], axis=1)
+    applied = applied + flat(u)
+    true = true + flat(g)
+  residual = np.asarray(state.hook_states[0]["residual"], np.float64)
+  np.testing.assert_allclose(applied + residual, true, atol=2e-3)
+
+
+def test_powersgd_batched_by_shape_same_result(mesh8):
+  params = {f"l{i}": jnp.zeros((32, 24)) for i in range(3)}
+  g = per_device_grads(params, 8, seed=4)
+  outs = []
+  for batch in (False, True):
+    hook = hooks.powersgd(rank=2, start_iter=0, batch_tensors_with_same_shape=batch)
+    u, _ = run_shard_map(ddp_jax.sync_gradients("data", hook=hook), g, mesh8, steps=3)
+    outs.append(u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *outs)
+
+
+def test_batched_powersgd_full_rank_exact_and_low_rank_lossy(mesh8):
+  g = per_device_grads({"w": jnp.zeros((10, 9)), "b": jnp.zeros((7,))}, 8, seed=5)
+  exact = hooks.batched_powersgd(rank=10, start_iter=0)  # side = ceil(sqrt(97)) = 10
+  u, _ = run_shard_map(ddp_jax.sync_gradients("data", hook=exact), g, mesh8, steps=2)
+  assert_mean(u, g, rtol=1e-4, atol=1e-4)
+  lossy = hooks.batched_powersgd(rank=1, start_iter=0)
+  u, state = run_shard_map(ddp_jax.sync_gradients("data", hook=lossy), g, mesh8, steps=2)
+  assert np.all(np.asarray(state.hook_states[0]["rel_error"]) > 0.05)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=0), "rank must be an int >= 1"),
+    (dict(start_iter=-1), "start_iter must be an int >= 0"),
+    (dict(min_compression_rate=-1), "min_compression_rate must be >= 0"),
+    (dict(orthogonalization_epsilon=-1e-3), "orthogonalization_epsilon must be >= 0"),
+])
+def test_powersgd_bad_args(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    hooks.powersgd(**kwargs)

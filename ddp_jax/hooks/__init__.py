@@ -23,13 +23,14 @@ from ddp_jax.hooks.compression import (
 )
 from ddp_jax.hooks.default import allgather_then_aggregate, allreduce, noop
 from ddp_jax.hooks.error_feedback import error_feedback
+from ddp_jax.hooks.powersgd import batched_powersgd, powersgd
 from ddp_jax.hooks.quantization import int8_allreduce, quantize_per_channel, quantize_per_tensor
 
 __all__ = [
     "CommHook", "GradBucket", "HookContext", "WireCost", "allgather_bytes",
-    "allgather_then_aggregate", "allreduce", "allreduce_bytes", "bf16_compress",
+    "allgather_then_aggregate", "allreduce", "allreduce_bytes", "batched_powersgd", "bf16_compress",
     "bf16_compress_wrapper", "compress_wrapper", "error_feedback", "fp16_compress",
-    "fp16_compress_wrapper", "int8_allreduce", "noop", "quantize_per_channel",
+    "fp16_compress_wrapper", "int8_allreduce", "noop", "powersgd", "quantize_per_channel",
     "quantize_per_tensor", "reduce_scatter_bytes", "wire_bytes", "wire_cost",
 ]
 

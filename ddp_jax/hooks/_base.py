@@ -176,3 +176,22 @@ def to_leaves(reduced, bucket: GradBucket) -> tuple:
 def hook_wire(hook: CommHook):
   """The hook's ``wire`` function, or None."""
   return hook[2] if len(hook) > 2 else None
+
+
+def as_varying(tree, axis_name):
+  """Marks every array of ``tree`` as varying over ``axis_name`` under ``shard_map``
+  (a no-op elsewhere), so ``lax.cond`` branches that return per-replica state from a
+  collective (invariant) and from the input (varying) type-check alike."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def one(x):
+    vma = getattr(jax.typeof(x), "vma", frozenset()) if hasattr(jax, "typeof") else frozenset()
+    missing = tuple(n for n in names if n not in vma)
+    if not missing:
+      return x
+    try:
+      return jax.lax.pcast(x, missing, to="varying")
+    except (ValueError, NameError, AttributeError):  # not under shard_map
+      return x
+
+  return jax.tree.map(one, tree)
