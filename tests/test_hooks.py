@@ -240,14 +240,15 @@ def test_powersgd_error_feedback_conserves(mesh8):
 
   fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
                              out_specs=(P("data"), specs)))
+  paths = [p.split("'")[1] for p in ddp_jax.plan_buckets(params).buckets[0].paths]
+
+  def flat(tree):
+    return np.concatenate([np.asarray(tree[p], np.float64).reshape(8, -1) for p in paths], 1)
+
   applied = true = 0
   for t in range(10):
     g = lowrank_grads(seed=t)
     u, state = fn(state, ddp_jax.shard(g, mesh8, "data"))
-    plan = ddp_jax.plan_buckets(params)
-    flat = lambda tree: np.concatenate(  # noqa: E731
-        [np.asarray(tree[p.split("'")[1]], np.float64).reshape(8, -1)
-         for p in plan.buckets[0].paths], axis=1)
     applied = applied + flat(u)
     true = true + flat(g)
   residual = np.asarray(state.hook_states[0]["residual"], np.float64)
