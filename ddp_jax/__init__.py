@@ -2,6 +2,7 @@
 
 from ddp_jax import hooks, inspect
 from ddp_jax._accumulate import AccumulateState, accumulate
+from ddp_jax._averaging import PeriodicAverageState, periodic_model_average
 from ddp_jax._distributed import (
     broadcast_from_process0,
     broadcast_params,
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccumulateState",
+    "PeriodicAverageState",
+    "periodic_model_average",
     "accumulate",
     "broadcast_from_process0",
     "broadcast_params",

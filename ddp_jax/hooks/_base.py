@@ -191,7 +191,7 @@ def as_varying(tree, axis_name):
       return x
     try:
       return jax.lax.pcast(x, missing, to="varying")
-    except (ValueError, NameError, AttributeError):  # not under shard_map
+    except (ValueError, NameError, AttributeError, AssertionError):  # not under shard_map
       return x
 
   return jax.tree.map(one, tree)

@@ -26,6 +26,8 @@ def error_feedback(hook: CommHook) -> CommHook:
 
   def update_fn(bucket, state, ctx):
     corrected = bucket.buffer() + state["residual"]
+    if ctx.participating is not None:  # an idle replica adds nothing, keeps its residual
+      corrected = jnp.where(ctx.participating, corrected, jnp.zeros_like(corrected))
     inner_bucket = bucket.replace(bucket.from_flat(corrected))
     reduced, inner = hook.update(inner_bucket, state["inner"], ctx)
     flat = _pack.ravel([x.astype(bucket.dtype) for x in to_leaves(reduced, inner_bucket)])

@@ -114,6 +114,16 @@ def _metrics(corrected, residual):
           "residual_norm": res}
 
 
+def _corrected(bucket, state, ctx, use_error_feedback):
+  """The bucket plus the residual; zeros on a replica that does not participate."""
+  corrected = bucket.buffer()
+  if use_error_feedback:
+    corrected = corrected + state["residual"]
+  if ctx.participating is not None:
+    corrected = jnp.where(ctx.participating, corrected, jnp.zeros_like(corrected))
+  return corrected
+
+
 def _varying_state(result, ctx):
   reduced, state = result
   return reduced, as_varying(state, ctx.axis_name)
@@ -162,9 +172,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
 
   def compressed_step(bucket, state, ctx):
     layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
-    corrected = bucket.buffer()
-    if use_error_feedback:
-      corrected = corrected + state["residual"]
+    corrected = _corrected(bucket, state, ctx, use_error_feedback)
     leaves = list(bucket.from_flat(corrected))
     out = [None] * len(leaves)
     if layout.uncompressed:
@@ -245,9 +253,7 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
 
   def compressed_step(bucket, state, ctx):
     side = side_of(bucket.size)
-    corrected = bucket.buffer()
-    if use_error_feedback:
-      corrected = corrected + state["residual"]
+    corrected = _corrected(bucket, state, ctx, use_error_feedback)
     mat = jnp.pad(corrected, (0, side * side - bucket.size)).reshape(1, side, side)
     fresh = jnp.logical_or(not warm_start, state["iter"] == start_iter)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["iter"])

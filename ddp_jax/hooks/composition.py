@@ -1,0 +1,143 @@
+"""Hooks made of hooks: ``schedule`` (switch by step) and ``by_path`` (per-leaf policy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+from jax import lax
+
+from ddp_jax import _pack
+from ddp_jax.hooks._base import (
+    CommHook,
+    GradBucket,
+    WireCost,
+    as_varying,
+    to_leaves,
+    wire_cost,
+)
+from ddp_jax.hooks.default import allreduce
+
+
+def _check_hook(hook, where):
+  if not (isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))):
+    raise TypeError(f"{where} must be a CommHook, got {hook!r}.")
+
+
+def schedule(stages: Mapping[int, CommHook]) -> CommHook:
+  """Switches hooks on a step schedule inside one jitted step.
+
+  ``schedule({0: allreduce(), 500: bf16_compress(), 2000: powersgd(rank=4)})`` runs the
+  hook whose start step is the last one reached (a ``lax.switch``); every stage's state
+  is kept (a later stage starts from its own init state). Counts this bucket's updates.
+  Its static wire cost is the last stage's (steady state).
+
+  Examples:
+    >>> import ddp_jax.hooks as H
+    >>> hook = schedule({0: H.allreduce(), 100: H.fp16_compress()})
+  """
+  if not stages:
+    raise ValueError("schedule: give at least one stage, e.g. {0: allreduce()}.")
+  starts = sorted(stages)
+  for s in starts:
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise ValueError(f"schedule: start steps must be ints >= 0, got {s!r}.")
+    _check_hook(stages[s], f"schedule: stage {s}")
+  if starts[0] != 0:
+    raise ValueError(f"schedule: the first stage must start at step 0, got {starts[0]}.")
+  hooks = [stages[s] for s in starts]
+
+  def init_fn(spec):
+    return {"step": jnp.zeros((), jnp.int32), "stages": tuple(h.init(spec) for h in hooks)}
+
+  def update_fn(bucket, state, ctx):
+    bucket.buffer()  # ravel once, outside the branches
+
+    def branch(i):
+      def run(states):
+        reduced, new = hooks[i].update(bucket, states[i], ctx)
+        leaves = tuple(x.astype(bucket.dtype) for x in to_leaves(reduced, bucket))
+        return leaves, as_varying(states[:i] + (new,) + states[i + 1:], ctx.axis_name)
+      return run
+
+    index = jnp.sum(state["step"] >= jnp.asarray(starts)) - 1
+    if len(hooks) == 1:
+      leaves, new_states = branch(0)(state["stages"])
+    else:
+      leaves, new_states = lax.switch(index, [branch(i) for i in range(len(hooks))],
+                                      state["stages"])
+    return leaves, {"step": state["step"] + 1, "stages": new_states}
+
+  def wire_fn(spec, world):
+    return wire_cost(hooks[-1], spec, world)
+
+  return CommHook(init_fn, update_fn, wire_fn)
+
+
+def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
+            small_below: int = 0, small: CommHook | None = None) -> CommHook:
+  """Per-leaf policy: leaves whose path matches a pattern (``fnmatch``, first match wins)
+  use that pattern's hook; other leaves with fewer than ``small_below`` elements use
+  ``small`` (default ``allreduce()``); the rest use ``default`` (default ``allreduce()``).
+
+  Each hook sees a sub-bucket of its leaves. Typical: keep biases and norms exact,
+  compress the big kernels.
+
+  Examples:
+    >>> import ddp_jax.hooks as H
+    >>> hook = by_path({"*bias*": H.allreduce(), "*scale*": H.allreduce()},
+    ...                default=H.powersgd(rank=4), small_below=4096)
+  """
+  for pattern, hook in rules.items():
+    if not isinstance(pattern, str):
+      raise TypeError(f"by_path: patterns must be strings, got {pattern!r}.")
+    _check_hook(hook, f"by_path: the hook for {pattern!r}")
+  if isinstance(small_below, bool) or not isinstance(small_below, int) or small_below < 0:
+    raise ValueError(f"by_path: small_below must be an int >= 0, got {small_below!r}.")
+  routes = list(rules.values()) + [small or allreduce(), default or allreduce()]
+  for i, hook in enumerate(routes[-2:]):
+    _check_hook(hook, "by_path: " + ("small" if i == 0 else "default"))
+  patterns = list(rules)
+
+  def route_of(path, length):
+    for i, pattern in enumerate(patterns):
+      if fnmatch.fnmatchcase(path, pattern):
+        return i
+    return len(patterns) if length < small_below else len(patterns) + 1
+
+  def split(spec):
+    """Static: (route, positions in the bucket, sub-spec) for every route used."""
+    members = {}
+    for pos, (path, length) in enumerate(zip(spec.paths, spec.lengths)):
+      members.setdefault(route_of(path, length), []).append(pos)
+    out = []
+    for route in sorted(members):
+      pos = members[route]
+      sub = dataclasses.replace(
+          spec, leaf_indices=tuple(spec.leaf_indices[p] for p in pos),
+          paths=tuple(spec.paths[p] for p in pos), shapes=tuple(spec.shapes[p] for p in pos))
+      out.append((route, tuple(pos), sub))
+    return out
+
+  def init_fn(spec):
+    return tuple(routes[r].init(sub) for r, _, sub in split(spec))
+
+  def update_fn(bucket, state, ctx):
+    out = [None] * len(bucket.leaves)
+    new_states = []
+    for (route, pos, sub), sub_state in zip(split(bucket.spec), state):
+      sub_bucket = GradBucket(sub, [bucket.leaves[p] for p in pos],
+                              _pack.operand_groups(sub, "auto"), bucket.is_last)
+      reduced, new = routes[route].update(sub_bucket, sub_state, ctx)
+      for p, leaf in zip(pos, to_leaves(reduced, sub_bucket)):
+        out[p] = leaf.astype(bucket.dtype)
+      new_states.append(new)
+    return tuple(out), tuple(new_states)
+
+  def wire_fn(spec, world):
+    costs = [wire_cost(routes[r], sub, world) for r, _, sub in split(spec)]
+    return WireCost(sum(c.bytes for c in costs), sum(c.collectives for c in costs))
+
+  return CommHook(init_fn, update_fn, wire_fn)
