@@ -58,6 +58,25 @@ jax.tree_util.register_dataclass(
 _replica.register_per_replica(SyncState, ("hook_states",))
 
 
+def _register_flax_serialization() -> None:
+  """Lets ``flax.serialization`` (msgpack checkpoints) save and restore a SyncState."""
+  from flax import serialization
+
+  def to_dict(state):
+    return {"hook_states": serialization.to_state_dict(state.hook_states),
+            "stats": serialization.to_state_dict(state.stats)}
+
+  def from_dict(target, d):
+    return SyncState(serialization.from_state_dict(target.hook_states, d["hook_states"]),
+                     serialization.from_state_dict(target.stats, d["stats"]),
+                     target.signature)
+
+  serialization.register_serialization_state(SyncState, to_dict, from_dict, override=True)
+
+
+_register_flax_serialization()
+
+
 def _signature(plan: BucketPlan) -> tuple:
   return tuple(
       (path, shape, dtype.name if is_communicated(jax.ShapeDtypeStruct(shape, dtype)) else None)
@@ -126,6 +145,18 @@ def _as_leaves(reduced, bucket: GradBucket, hook: CommHook) -> tuple:
           f"{where} returned {got} for leaf {path}; expected "
           f"{bucket.dtype.name}{list(shape)}.")
   return tuple(reduced)
+
+
+def _check_restored(spec, hook_state, hook: CommHook) -> None:
+  """The state given for a bucket must be what the hook's init makes for it."""
+  want = jax.eval_shape(lambda: _replica.expand(hook.init(spec)))
+  got_s = jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)), hook_state)
+  want_s = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), want)
+  if jax.tree.structure(hook_state) != jax.tree.structure(want) or got_s != want_s:
+    raise ValueError(
+        f"sync_gradients: the hook state of bucket {spec.index} ({spec.paths[0]} ...) does "
+        f"not match this plan and hook {_hook_name(hook)}: expected {want_s}, got {got_s}. "
+        "Was the state restored from another model or made with another hook?")
 
 
 def _check_state(old, new, hook: CommHook, index: int) -> None:
@@ -304,7 +335,12 @@ def sync_gradients(
     leaves = jax.tree_util.tree_leaves(updates)
     out = list(original)
     new_states = []
+    if len(state.hook_states) != plan.num_buckets:
+      raise ValueError(
+          f"sync_gradients: the state holds {len(state.hook_states)} bucket states, the plan "
+          f"has {plan.num_buckets} buckets. Was it made with other bucket settings?")
     for spec, hook_state in zip(plan.buckets, state.hook_states):
+      _check_restored(spec, hook_state, hook)
       bucket_leaves = [leaves[i] for i in spec.leaf_indices]
       if flag is not None:
         bucket_leaves = [jnp.where(flag, x, jnp.zeros_like(x)) for x in bucket_leaves]

@@ -456,3 +456,71 @@ def test_post_local_sgd_and_periodic_average():
   outs = jax.vmap(jax.vmap(steps, axis_name="local"), axis_name="node")(p)
   np.testing.assert_allclose(outs[0], g)  # step 1: nothing
   np.testing.assert_allclose(outs[1], np.broadcast_to(g.mean((0, 1)), g.shape), rtol=1e-5)
+
+
+# ---- checkpoints and mismatched state ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["powersgd", "topk", "schedule"])
+def test_checkpoint_round_trip_continues_identically(mesh8, name, standard_promotion):
+  import flax.serialization as serialization
+  import optax
+  hook = {"powersgd": lambda: hooks.powersgd(rank=1, start_iter=1),
+          "topk": lambda: hooks.topk(0.2),
+          "schedule": lambda: hooks.schedule({0: hooks.allreduce(),
+                                              2: hooks.error_feedback(hooks.int8_allreduce())}),
+          }[name]()
+  tx = optax.chain(ddp_jax.sync_gradients("data", hook=hook), optax.adam(1e-2))
+  g = lowrank_grads()
+  params = jax.tree.map(lambda x: x[0], g)
+  state = ddp_jax.init_state(tx, params, mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  def step(s, g):
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, params)
+    return jax.tree.map(lambda x: x[None], u), s
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
+                             out_specs=(P("data"), specs)))
+  grads = [ddp_jax.shard(lowrank_grads(seed=t), mesh8, "data") for t in range(6)]
+  straight = state
+  for t in range(6):
+    u_straight, straight = fn(straight, grads[t])
+  for t in range(3):
+    _, state = fn(state, grads[t])
+  blob = serialization.to_bytes(jax.device_get(state))
+  fresh = ddp_jax.init_state(tx, params, mesh8, "data")
+  restored = serialization.from_bytes(jax.device_get(fresh), blob)
+  restored = jax.tree.map(lambda t, r: jax.device_put(r, t.sharding), fresh, restored)
+  for t in range(3, 6):
+    u, restored = fn(restored, grads[t])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               (u, restored), (u_straight, straight))
+
+
+def test_state_from_another_hook_is_rejected():
+  g = {"w": jnp.ones((2, 8, 6)), "b": jnp.ones((2, 6))}
+  other = ddp_jax.sync_gradients("i", hook=hooks.topk(0.5))
+  tx = ddp_jax.sync_gradients("i", hook=hooks.powersgd(rank=1, start_iter=0))
+  state = other.init(jax.tree.map(lambda x: x[0], g))
+  with pytest.raises(ValueError, match=r"hook state of bucket 0 \(\['w'\] ...\) does not match "
+                                       r"this plan and hook powersgd"):
+    jax.vmap(lambda g: tx.update(g, state), axis_name="i")(g)
+
+
+# Hooks whose result is the same on every replica and typed so (P() out-specs work).
+VARYING = {"adasum", "post_local_sgd"}  # replicated values typed varying / truly per group
+
+
+@pytest.mark.parametrize("name", sorted(set(HOOKS) - VARYING))
+def test_battery_replicated_output(name, mesh8):
+  factory, _ = HOOKS[name]
+  tx = ddp_jax.sync_gradients("data", hook=factory())
+  g = per_device_grads(grads_tree(), 8, seed=6)
+  params = jax.tree.map(lambda x: x[0], g)
+  state = ddp_jax.init_state(tx, params, mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+  fn = jax.jit(jax.shard_map(lambda s, g: tx.update(jax.tree.map(lambda x: x[0], g), s),
+                             mesh=mesh8, in_specs=(specs, P("data")), out_specs=(P(), specs)))
+  u, _ = fn(state, ddp_jax.shard(g, mesh8, "data"))
+  assert jax.tree.structure(u) == jax.tree.structure(params)

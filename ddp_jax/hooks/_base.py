@@ -195,3 +195,13 @@ def as_varying(tree, axis_name):
       return x
 
   return jax.tree.map(one, tree)
+
+
+def all_gather(x, axis_name):
+  """``lax.all_gather`` whose result is typed replicated (invariant) under ``shard_map``:
+  every replica holds the same gathered array, so a hook built on it returns values a
+  ``P()`` out-spec accepts. Plain ``all_gather`` where that typing does not apply."""
+  try:
+    return jax.lax.all_gather(x, axis_name, to="invarying")
+  except (TypeError, ValueError, AssertionError):  # older jax, or vmap
+    return jax.lax.all_gather(x, axis_name)

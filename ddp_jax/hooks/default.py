@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, allgather_bytes
+from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes
 from ddp_jax.hooks._base import divide as _div
 
 
@@ -80,7 +80,7 @@ def allgather_then_aggregate() -> CommHook:
   """
 
   def update_fn(bucket, state, ctx):
-    gathered = lax.all_gather(bucket.buffer(), ctx.axis_name)  # (N, size)
+    gathered = all_gather(bucket.buffer(), ctx.axis_name)  # (N, size)
     total = gathered[0]
     for r in range(1, gathered.shape[0]):  # in rank order, like DDP's loop
       total = total + gathered[r]

@@ -11,6 +11,7 @@ from jax import lax
 from ddp_jax.hooks._base import (
     CommHook,
     WireCost,
+    all_gather,
     allgather_bytes,
     allreduce_bytes,
     divide,
@@ -71,8 +72,8 @@ def dequantize(y, scale, zero_point):
 
 def _gather_and_average(q, qparams, ctx, shape_fn):
   """All-gather quantized buckets and their qparams, dequantize each, average."""
-  all_q = lax.all_gather(q, ctx.axis_name)
-  all_p = lax.all_gather(qparams, ctx.axis_name)
+  all_q = all_gather(q, ctx.axis_name)
+  all_p = all_gather(qparams, ctx.axis_name)
   total = jnp.zeros(q.shape, jnp.float32)
   for r in range(all_q.shape[0]):  # in rank order, like DDP's loop
     total = total + dequantize(all_q[r], shape_fn(all_p[r, 0]), shape_fn(all_p[r, 1]))

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, allgather_bytes, divide
+from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes, divide
 
 
 def _residual_state(spec):
@@ -46,9 +46,9 @@ def topk(ratio: float) -> CommHook:
     _, idx = lax.top_k(jnp.abs(corrected), k_of(bucket.size))
     vals = corrected[idx]
     local = jnp.zeros_like(corrected).at[idx].set(vals)
-    all_vals = lax.all_gather(vals, ctx.axis_name).reshape(-1)
-    all_idx = lax.all_gather(idx, ctx.axis_name).reshape(-1)
-    total = jnp.zeros_like(corrected).at[all_idx].add(all_vals)
+    all_vals = all_gather(vals, ctx.axis_name).reshape(-1)
+    all_idx = all_gather(idx, ctx.axis_name).reshape(-1)
+    total = jnp.zeros(corrected.shape, corrected.dtype).at[all_idx].add(all_vals)
     residual = _keep_if_idle(corrected - local, state, ctx)
     return divide(total, ctx.divisor), {"residual": residual}
 
@@ -69,8 +69,8 @@ def sign_compress() -> CommHook:
     scale = jnp.mean(jnp.abs(corrected.astype(jnp.float32)))
     positive = corrected >= 0
     local = jnp.where(positive, scale, -scale).astype(corrected.dtype)
-    bits = lax.all_gather(jnp.packbits(positive), ctx.axis_name)
-    scales = lax.all_gather(scale, ctx.axis_name)
+    bits = all_gather(jnp.packbits(positive), ctx.axis_name)
+    scales = all_gather(scale, ctx.axis_name)
     total = jnp.zeros(corrected.shape, jnp.float32)
     for r in range(bits.shape[0]):
       signs = jnp.unpackbits(bits[r], count=bucket.size).astype(jnp.float32) * 2 - 1
