@@ -362,7 +362,8 @@ def sync_gradients(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
+def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
+             world_size: int | None = None) -> str:
   """A human table of what a sync sends: buckets, bytes, hook traffic. Prints it too.
 
   Args:
@@ -370,6 +371,7 @@ def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
       :func:`sync_gradients` (then ``grads``, a tree of arrays or
       ``jax.ShapeDtypeStruct``, is planned with its settings and hook).
     grads: the gradient tree (for a transformation).
+    hook: for a plan, the hook whose traffic to show (default ``allreduce()``).
     world_size: replicas, for hooks whose traffic depends on it (default: all
       devices).
 
@@ -384,7 +386,8 @@ def describe(plan_or_tx, grads=None, *, world_size: int | None = None) -> str:
   """
   world = jax.device_count() if world_size is None else int(world_size)
   if isinstance(plan_or_tx, BucketPlan):
-    plan, hook, head = plan_or_tx, allreduce(), ""
+    plan, hook = plan_or_tx, hook or allreduce()
+    head = f"{world} replicas, hook {_hook_name(hook)}\n"
   else:
     config = getattr(getattr(plan_or_tx, "update", None), "ddp_config", None)
     if config is None:

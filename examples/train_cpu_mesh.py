@@ -1,11 +1,12 @@
 """Data-parallel training on an 8-device CPU mesh with ddp_jax.
 
     python examples/train_cpu_mesh.py --steps 300 --hook allreduce
+    python examples/train_cpu_mesh.py --hook "powersgd(rank=2, start_iter=50)"
 
 Trains a small flax MLP on scikit-learn's bundled digits (8x8 images, 10
 classes): each device takes its slice of every batch, gradients are averaged by
 ``ddp_jax.sync_gradients`` inside ``jax.shard_map``. Prints progress, the test
-accuracy, and saves a loss plot to ``--out``.
+accuracy and the bytes a replica sent per step, and saves a loss plot to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,23 +17,36 @@ import sys
 import time
 
 
-def parse_args():
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--devices", type=int, default=8)
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch", type=int, default=128, help="global batch size")
   p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--hook", default="allreduce", help="a hook from ddp_jax.hooks (no arguments)")
+  p.add_argument("--hook", default="allreduce",
+                 help='a ddp_jax.hooks expression, e.g. "fp16_compress()" or "topk(0.1)"')
   p.add_argument("--out", default="examples/out")
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
-def main():
-  args = parse_args()
+def set_devices(n: int) -> None:
+  """Fake CPU devices; must run before jax creates its backend."""
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={args.devices}")
+                             + f" --xla_force_host_platform_device_count={n}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def make_hook(expr: str):
+  """``"powersgd(rank=2)"`` -> ``ddp_jax.hooks.powersgd(rank=2)``; a bare name is called."""
+  from ddp_jax import hooks
+  names = {n: getattr(hooks, n) for n in hooks.__all__}
+  value = eval(expr if "(" in expr else expr + "()", {"__builtins__": {}}, names)  # noqa: S307
+  return value
+
+
+def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress=True):
+  """Trains the digits MLP on all devices; returns losses, test accuracy, stats."""
   import flax.linen as nn
   import jax
   import numpy as np
@@ -52,17 +66,18 @@ def main():
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   y = digits.target.astype(np.int32)
-  rng = np.random.default_rng(args.seed)
+  rng = np.random.default_rng(seed)
   order = rng.permutation(len(x))
   split = int(0.8 * len(x))
-  train, test = order[:split], order[split:]
+  train_idx, test_idx = order[:split], order[split:]
 
-  mesh = jax.make_mesh((args.devices,), ("data",))
+  n = jax.device_count()
+  mesh = jax.make_mesh((n,), ("data",))
   model = MLP()
-  params = model.init(jax.random.key(args.seed), x[:1])
-  hook = getattr(ddp_jax.hooks, args.hook)()
-  tx = optax.chain(ddp_jax.sync_gradients("data", hook=hook), optax.adam(args.lr))
-  print(ddp_jax.plan_buckets(params).summary())
+  params = model.init(jax.random.key(seed), x[:1])
+  hook = make_hook(hook_expr)
+  sync = ddp_jax.sync_gradients("data", hook=hook)
+  tx = optax.chain(sync, optax.adam(lr))
 
   def loss_fn(p, xb, yb):
     logits = model.apply(p, xb)
@@ -80,25 +95,43 @@ def main():
                                out_specs=(P(), specs, P())))
   params = ddp_jax.replicate(params, mesh)
 
-  try:
-    from tqdm import trange
-  except ImportError:  # progress without tqdm
-    trange = range
+  bar = range(steps)
+  if progress:
+    try:
+      from tqdm import trange
+      bar = trange(steps, desc=hook_expr, leave=False)
+    except ImportError:
+      pass
   losses, t0 = [], time.perf_counter()
-  bar = trange(args.steps)
   for i in bar:
-    idx = rng.choice(train, args.batch, replace=False)
+    idx = rng.choice(train_idx, batch, replace=False)
     xb, yb = ddp_jax.shard((x[idx], y[idx]), mesh, "data")
     params, opt_state, loss = step(params, opt_state, xb, yb)
     losses.append(float(loss))
     if hasattr(bar, "set_postfix") and i % 20 == 0:
       bar.set_postfix(loss=f"{losses[-1]:.3f}")
   elapsed = time.perf_counter() - t0
-  logits = model.apply(jax.device_get(params), x[test])
-  acc = float((np.argmax(logits, -1) == y[test]).mean())
-  print(f"hook={args.hook} steps={args.steps} devices={args.devices} "
-        f"final loss {np.mean(losses[-20:]):.4f} test accuracy {acc:.4f} ({elapsed:.1f} s)")
+  logits = model.apply(jax.device_get(params), x[test_idx])
+  stats = jax.device_get(opt_state[0].stats)
+  return {
+      "hook": hook_expr, "steps": steps, "devices": n, "losses": losses,
+      "accuracy": float((np.argmax(logits, -1) == y[test_idx]).mean()),
+      "bytes_sent": float(stats.bytes_sent), "bytes_uncompressed": float(stats.bytes_uncompressed),
+      "seconds": elapsed,
+      "plan": ddp_jax.describe(sync, jax.device_get(params)) if progress else "",
+  }
 
+
+def main(argv=None):
+  args = parse_args(argv)
+  set_devices(args.devices)
+  result = train(args.hook, args.steps, args.batch, args.lr, args.seed)
+  print(f"hook={args.hook} steps={args.steps} devices={result['devices']} "
+        f"final loss {sum(result['losses'][-20:]) / 20:.4f} "
+        f"test accuracy {result['accuracy']:.4f} "
+        f"sent {result['bytes_sent'] / 1024:.1f} KiB/step/replica "
+        f"({result['bytes_uncompressed'] / max(result['bytes_sent'], 1):.1f}x less than "
+        f"all-reduce) in {result['seconds']:.1f} s")
   os.makedirs(args.out, exist_ok=True)
   try:
     import matplotlib
@@ -108,11 +141,13 @@ def main():
     print("matplotlib not installed: no plot", file=sys.stderr)
     return
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(losses, lw=1)
+  ax.plot(result["losses"], lw=1)
   ax.set(xlabel="step", ylabel="training loss", yscale="log",
-         title=f"digits MLP, {args.devices} devices, hook={args.hook}, acc={acc:.3f}")
+         title=f"digits MLP, {result['devices']} devices, {args.hook}, "
+               f"acc={result['accuracy']:.3f}")
   fig.tight_layout()
-  path = os.path.join(args.out, f"loss_{args.hook}.png")
+  safe = "".join(c if c.isalnum() else "_" for c in args.hook).strip("_")
+  path = os.path.join(args.out, f"loss_{safe}.png")
   fig.savefig(path, dpi=100)
   print(f"loss plot: {path}")
 

@@ -38,6 +38,7 @@ HOOKS = {
     "topk": (lambda: hooks.topk(0.1), None),
     "sign_compress": (hooks.sign_compress, None),
     "adasum": (hooks.adasum, None),
+    "adasum_varying": (lambda: hooks.adasum(replicated_output=False), None),
     "post_local_sgd": (lambda: hooks.post_local_sgd(1, "data"), 1e-6),
 }
 
@@ -385,6 +386,16 @@ def test_sparsifiers_conserve_on_average(mesh8, hook):
     true += np.asarray(g["w"], np.float64)
   residual = np.asarray(state.hook_states[0]["residual"], np.float64)
   np.testing.assert_allclose(applied + residual.mean(0), true.mean(0), atol=1e-4)
+  rel = np.asarray(state.hook_states[0]["rel_error"])
+  norm = np.asarray(state.hook_states[0]["residual_norm"])
+  assert rel.shape == (8,) and np.all((rel > 0) & (rel < 1.5))
+  np.testing.assert_allclose(norm, np.linalg.norm(residual, axis=1), rtol=1e-5)
+
+
+def test_describe_a_plan_with_a_hook(capsys):
+  plan = ddp_jax.plan_buckets({"w": jnp.zeros((1024,))})
+  text = ddp_jax.describe(plan, hook=hooks.sign_compress(), world_size=8)
+  assert "hook sign_compress" in text and "7.8x less than all-reducing" in text
 
 
 def test_sign_and_topk_wire():
@@ -509,7 +520,7 @@ def test_state_from_another_hook_is_rejected():
 
 
 # Hooks whose result is the same on every replica and typed so (P() out-specs work).
-VARYING = {"adasum", "post_local_sgd"}  # replicated values typed varying / truly per group
+VARYING = {"post_local_sgd", "adasum_varying"}  # per group after start_iter; typed varying
 
 
 @pytest.mark.parametrize("name", sorted(set(HOOKS) - VARYING))

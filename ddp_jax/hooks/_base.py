@@ -205,3 +205,16 @@ def all_gather(x, axis_name):
     return jax.lax.all_gather(x, axis_name, to="invarying")
   except (TypeError, ValueError, AssertionError):  # older jax, or vmap
     return jax.lax.all_gather(x, axis_name)
+
+
+def quality(corrected, residual) -> dict:
+  """Compression quality of one step, per replica: ``rel_error = |residual| / |corrected|``
+  and ``residual_norm``, as float32 scalars (logged from the state, no host round-trip)."""
+  res = jnp.linalg.norm(residual.astype(jnp.float32))
+  base = jnp.linalg.norm(corrected.astype(jnp.float32))
+  return {"rel_error": jnp.where(base > 0, res / jnp.where(base > 0, base, 1), 0.0),
+          "residual_norm": res}
+
+
+def no_quality() -> dict:
+  return {"rel_error": jnp.zeros((), jnp.float32), "residual_norm": jnp.zeros((), jnp.float32)}

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost
+from ddp_jax.hooks._base import CommHook, WireCost, allreduce_bytes
 
 
 def _pair(a, b):
@@ -20,7 +20,7 @@ def _pair(a, b):
   return (ca * a.astype(jnp.float32) + cb * b.astype(jnp.float32)).astype(a.dtype)
 
 
-def adasum() -> CommHook:
+def adasum(replicated_output: bool = True) -> CommHook:
   """Horovod's Adasum reduction, per leaf, by recursive doubling over the axis.
 
   In round ``k`` every replica swaps its running result with the replica whose index
@@ -28,6 +28,13 @@ def adasum() -> CommHook:
   ``log2 N`` rounds all hold the same result: equal gradients give that gradient (like a
   mean), orthogonal ones their sum. Needs a power-of-two number of replicas. A
   replica that does not participate contributes zeros, which Adasum ignores.
+
+  Args:
+    replicated_output: all replicas end with the same values, but ``ppermute`` results
+      are typed *varying* under ``shard_map``, which a ``P()`` out-spec rejects. With
+      True (default) a final ``psum`` of replica 0's result (one all-reduce of the
+      bucket) makes the result typed replicated; False skips it (use ``P(axis)``
+      out-specs, ``pmap``, or ``check_vma=False``).
 
   Examples:
     >>> hook = adasum()
@@ -49,10 +56,15 @@ def adasum() -> CommHook:
       low = (lax.axis_index(ctx.axis_name) & d) == 0
       leaves = tuple(jnp.where(low, _pair(a, b), _pair(b, a)) for a, b in zip(leaves, other))
       d *= 2
+    if replicated_output:
+      first = lax.axis_index(ctx.axis_name) == 0
+      leaves = lax.psum(tuple(jnp.where(first, x, jnp.zeros_like(x)) for x in leaves),
+                        ctx.axis_name)
     return leaves, state
 
   def wire_fn(spec, world):
     rounds = int(math.log2(world)) if world > 1 else 0
-    return WireCost(rounds * spec.nbytes, rounds)
+    extra = allreduce_bytes(spec.nbytes, world) if replicated_output else 0
+    return WireCost(rounds * spec.nbytes + extra, rounds + int(replicated_output))
 
   return CommHook(lambda spec: (), update_fn, wire_fn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import CommHook, to_leaves, wire_cost
+from ddp_jax.hooks._base import CommHook, no_quality, quality, to_leaves, wire_cost
 
 
 def error_feedback(hook: CommHook) -> CommHook:
@@ -22,7 +22,8 @@ def error_feedback(hook: CommHook) -> CommHook:
   """
 
   def init_fn(spec):
-    return {"residual": jnp.zeros((spec.size,), spec.dtype), "inner": hook.init(spec)}
+    return {"residual": jnp.zeros((spec.size,), spec.dtype), "inner": hook.init(spec),
+            **no_quality()}
 
   def update_fn(bucket, state, ctx):
     corrected = bucket.buffer() + state["residual"]
@@ -34,7 +35,8 @@ def error_feedback(hook: CommHook) -> CommHook:
     residual = corrected - flat
     if ctx.participating is not None:
       residual = jnp.where(ctx.participating, residual, state["residual"])
-    return flat, {"residual": residual, "inner": inner}
+    return flat, {"residual": residual, "inner": inner,
+                  **quality(corrected, corrected - flat)}
 
   def wire_fn(spec, world):
     return wire_cost(hook, spec, world)

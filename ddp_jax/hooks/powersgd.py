@@ -15,7 +15,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import CommHook, WireCost, allreduce_bytes, as_varying, divide
+from ddp_jax.hooks._base import (
+    CommHook,
+    WireCost,
+    allreduce_bytes,
+    as_varying,
+    divide,
+    no_quality,
+    quality,
+)
 
 
 def should_compress(n: int, m: int, rank: int, min_compression_rate: float):
@@ -107,13 +115,6 @@ def _split_batches(flat, shapes):
   return _pack.split_shapes(flat, shapes)
 
 
-def _metrics(corrected, residual):
-  res = jnp.linalg.norm(residual.astype(jnp.float32))
-  base = jnp.linalg.norm(corrected.astype(jnp.float32))
-  return {"rel_error": jnp.where(base > 0, res / jnp.where(base > 0, base, 1), 0.0),
-          "residual_norm": res}
-
-
 def _corrected(bucket, state, ctx, use_error_feedback):
   """The bucket plus the residual; zeros on a replica that does not participate."""
   corrected = bucket.buffer()
@@ -167,8 +168,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
     qs = tuple(jnp.zeros((len(g), m, r), spec.dtype) for g, n, m, r in layout.groups)
     return {"iter": jnp.zeros((), jnp.int32), "residual": jnp.zeros((spec.size,), spec.dtype),
             "qs": qs, "key": jax.random.key_data(jax.random.key(seed)),
-            "rel_error": jnp.zeros((), jnp.float32),
-            "residual_norm": jnp.zeros((), jnp.float32)}
+            **no_quality()}
 
   def compressed_step(bucket, state, ctx):
     layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
@@ -209,7 +209,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
     if ctx.participating is not None:
       residual = jnp.where(ctx.participating, residual, state["residual"])
     new = dict(state, iter=state["iter"] + 1, residual=residual, qs=new_qs,
-               **_metrics(corrected, corrected - result))
+               **quality(corrected, corrected - result))
     return result, new
 
   def vanilla_step(bucket, state, ctx):
@@ -248,8 +248,7 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
     return {"iter": jnp.zeros((), jnp.int32), "residual": jnp.zeros((spec.size,), spec.dtype),
             "q": jnp.zeros((1, side, r), spec.dtype),
             "key": jax.random.key_data(jax.random.key(seed)),
-            "rel_error": jnp.zeros((), jnp.float32),
-            "residual_norm": jnp.zeros((), jnp.float32)}
+            **no_quality()}
 
   def compressed_step(bucket, state, ctx):
     side = side_of(bucket.size)
@@ -268,7 +267,7 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
     if ctx.participating is not None:
       residual = jnp.where(ctx.participating, residual, state["residual"])
     return result, dict(state, iter=state["iter"] + 1, residual=residual, q=q,
-                        **_metrics(corrected, corrected - result))
+                        **quality(corrected, corrected - result))
 
   def update_fn(bucket, state, ctx):
     if start_iter == 0:

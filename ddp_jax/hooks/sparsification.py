@@ -7,11 +7,19 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes, divide
+from ddp_jax.hooks._base import (
+    CommHook,
+    WireCost,
+    all_gather,
+    allgather_bytes,
+    divide,
+    no_quality,
+    quality,
+)
 
 
 def _residual_state(spec):
-  return {"residual": jnp.zeros((spec.size,), spec.dtype)}
+  return {"residual": jnp.zeros((spec.size,), spec.dtype), **no_quality()}
 
 
 def _corrected(bucket, state, ctx):
@@ -50,7 +58,8 @@ def topk(ratio: float) -> CommHook:
     all_idx = all_gather(idx, ctx.axis_name).reshape(-1)
     total = jnp.zeros(corrected.shape, corrected.dtype).at[all_idx].add(all_vals)
     residual = _keep_if_idle(corrected - local, state, ctx)
-    return divide(total, ctx.divisor), {"residual": residual}
+    return divide(total, ctx.divisor), {"residual": residual,
+                                        **quality(corrected, corrected - local)}
 
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(k_of(spec.size) * (spec.dtype.itemsize + 4), world), 2)
@@ -76,7 +85,8 @@ def sign_compress() -> CommHook:
       signs = jnp.unpackbits(bits[r], count=bucket.size).astype(jnp.float32) * 2 - 1
       total = total + scales[r] * signs
     residual = _keep_if_idle(corrected - local, state, ctx)
-    return divide(total, ctx.divisor).astype(bucket.dtype), {"residual": residual}
+    return divide(total, ctx.divisor).astype(bucket.dtype), {
+        "residual": residual, **quality(corrected, corrected - local)}
 
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(math.ceil(spec.size / 8) + 4, world), 2)
