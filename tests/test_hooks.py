@@ -535,3 +535,12 @@ def test_battery_replicated_output(name, mesh8):
                              mesh=mesh8, in_specs=(specs, P("data")), out_specs=(P(), specs)))
   u, _ = fn(state, ddp_jax.shard(g, mesh8, "data"))
   assert jax.tree.structure(u) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("name", ["fp16_compress", "quantize_per_tensor", "int8_allreduce",
+                                  "powersgd_full_rank", "topk", "sign_compress", "adasum"])
+def test_lossy_hooks_reject_complex_buckets(name):
+  tx = ddp_jax.sync_gradients("i", hook=HOOKS[name][0]())
+  g = {"z": jnp.ones((2, 4), jnp.complex64)}
+  with pytest.raises(ValueError, match=r"bucket 0 \(\['z'\] ...\) holds complex64 gradients"):
+    jax.vmap(lambda g: tx.update(g, tx.init(g)), axis_name="i")(g)

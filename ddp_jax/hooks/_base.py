@@ -218,3 +218,12 @@ def quality(corrected, residual) -> dict:
 
 def no_quality() -> dict:
   return {"rel_error": jnp.zeros((), jnp.float32), "residual_norm": jnp.zeros((), jnp.float32)}
+
+
+def check_real(bucket: GradBucket, hook_name: str) -> None:
+  """Lossy hooks handle real floating buckets only (trace-time check)."""
+  if not jnp.issubdtype(bucket.dtype, jnp.floating):
+    raise ValueError(
+        f"{hook_name}: bucket {bucket.index} ({bucket.paths[0]} ...) holds "
+        f"{bucket.dtype.name} gradients; this hook handles real floating gradients only. "
+        "Send such leaves through allreduce(), e.g. with hooks.by_path.")

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, allreduce_bytes
+from ddp_jax.hooks._base import CommHook, WireCost, allreduce_bytes, check_real
 
 
 def _pair(a, b):
@@ -41,6 +41,7 @@ def adasum(replicated_output: bool = True) -> CommHook:
   """
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "adasum")
     n = ctx.axis_size
     if n & (n - 1):
       raise ValueError(f"adasum: the axis {ctx.axis_name!r} has {n} replicas; Adasum's "

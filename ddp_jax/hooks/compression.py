@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ddp_jax.hooks._base import CommHook, to_leaves, wire_cost
+from ddp_jax.hooks._base import CommHook, check_real, to_leaves, wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
@@ -33,6 +33,7 @@ def compress_wrapper(hook: CommHook, dtype) -> CommHook:
     return hook.init(dataclasses.replace(spec, dtype=dtype))
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "compress_wrapper")
     small = bucket.replace([x.astype(dtype) for x in bucket.leaves], dtype)
     reduced, state = hook.update(small, state, ctx)
     return tuple(x.astype(bucket.dtype) for x in to_leaves(reduced, small)), state

@@ -16,13 +16,14 @@ from jax import lax
 
 from ddp_jax import _pack
 from ddp_jax.hooks._base import (
-    CommHook,
-    WireCost,
-    allreduce_bytes,
-    as_varying,
-    divide,
-    no_quality,
-    quality,
+  CommHook,
+  WireCost,
+  allreduce_bytes,
+  as_varying,
+  check_real,
+  divide,
+  no_quality,
+  quality,
 )
 
 
@@ -216,6 +217,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
     return _allreduce_mean(bucket.buffer(), ctx), dict(state, iter=state["iter"] + 1)
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "powersgd")
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
@@ -270,6 +272,7 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
                         **quality(corrected, corrected - result))
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "batched_powersgd")
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)

@@ -9,12 +9,13 @@ import numpy as np
 from jax import lax
 
 from ddp_jax.hooks._base import (
-    CommHook,
-    WireCost,
-    all_gather,
-    allgather_bytes,
-    allreduce_bytes,
-    divide,
+  CommHook,
+  WireCost,
+  all_gather,
+  allgather_bytes,
+  allreduce_bytes,
+  check_real,
+  divide,
 )
 
 QUANT_MIN, QUANT_MAX = 0, 255
@@ -94,6 +95,7 @@ def quantize_per_tensor() -> CommHook:
   """
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "quantize_per_tensor")
     x = bucket.buffer()
     scale, zp = minmax_qparams(x)
     q = quantize(x, scale, zp)
@@ -118,6 +120,7 @@ def quantize_per_channel(channel_size: int = 512) -> CommHook:
     return (size + channel_size - size % channel_size) // channel_size
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "quantize_per_channel")
     x = bucket.buffer().astype(jnp.float32)
     rows = rows_of(bucket.size)
     padded = jnp.pad(x, (0, rows * channel_size - bucket.size)).reshape(rows, channel_size)
@@ -146,6 +149,7 @@ def int8_allreduce() -> CommHook:
   """
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "int8_allreduce")
     x = bucket.buffer().astype(jnp.float32)
     amax = lax.pmax(jnp.max(jnp.abs(x)), ctx.axis_name)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)

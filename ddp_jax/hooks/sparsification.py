@@ -8,13 +8,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax.hooks._base import (
-    CommHook,
-    WireCost,
-    all_gather,
-    allgather_bytes,
-    divide,
-    no_quality,
-    quality,
+  CommHook,
+  WireCost,
+  all_gather,
+  allgather_bytes,
+  check_real,
+  divide,
+  no_quality,
+  quality,
 )
 
 
@@ -50,6 +51,7 @@ def topk(ratio: float) -> CommHook:
     return max(1, math.ceil(ratio * size))
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "topk")
     corrected = _corrected(bucket, state, ctx)
     _, idx = lax.top_k(jnp.abs(corrected), k_of(bucket.size))
     vals = corrected[idx]
@@ -74,6 +76,7 @@ def sign_compress() -> CommHook:
   """
 
   def update_fn(bucket, state, ctx):
+    check_real(bucket, "sign_compress")
     corrected = _corrected(bucket, state, ctx)
     scale = jnp.mean(jnp.abs(corrected.astype(jnp.float32)))
     positive = corrected >= 0
