@@ -3,9 +3,11 @@
 from ddp_jax import hooks, inspect
 from ddp_jax._accumulate import AccumulateState, accumulate
 from ddp_jax._averaging import PeriodicAverageState, periodic_model_average
+from ddp_jax._data import global_batch, shard_indices
 from ddp_jax._distributed import (
     broadcast_from_process0,
     broadcast_params,
+    initialize,
     sync_buffers,
     verify_replicas,
 )
@@ -22,6 +24,7 @@ __all__ = [
     "accumulate",
     "broadcast_from_process0",
     "broadcast_params",
+    "initialize",
     "sync_buffers",
     "verify_replicas",
     "BucketPlan",
@@ -30,6 +33,8 @@ __all__ = [
     "SyncStats",
     "compute_bucket_assignment_by_size",
     "describe",
+    "global_batch",
+    "shard_indices",
     "hooks",
     "init_state",
     "inspect",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import os
+import sys
 from typing import Any
 
 import jax
@@ -144,3 +147,145 @@ def verify_replicas(tree: Any, check_values: bool = False) -> None:
             raise ValueError(
                 f"verify_replicas: leaf {name} is replicated but device {shard.device} "
                 f"holds different values than device {shards[0].device} (process {me}).")
+
+
+# ---- process start-up -----------------------------------------------------------------------
+
+_ENV = {  # ours first, then torchrun's
+    "coordinator": ("DDP_JAX_COORDINATOR",),
+    "addr": ("MASTER_ADDR",),
+    "port": ("MASTER_PORT",),
+    "num_processes": ("DDP_JAX_NUM_PROCESSES", "WORLD_SIZE"),
+    "process_id": ("DDP_JAX_PROCESS_ID", "RANK"),
+    "local_rank": ("DDP_JAX_LOCAL_RANK", "LOCAL_RANK"),
+}
+
+
+def _from_env(key: str):
+  for name in _ENV[key]:
+    value = os.environ.get(name)
+    if value not in (None, ""):
+      return name, value
+  return None, None
+
+
+def _as_int(name: str, value) -> int:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"ddp_jax.initialize: {name}={value!r} is not an integer.") from None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, local_device_ids=None,
+               timeout_s: int = 300, shutdown_timeout_s: int = 60,
+               cpu_collectives: str | None = "gloo", exit_on_error: bool = True) -> dict:
+  """Joins this process to the others (``jax.distributed.initialize``), torchrun-style.
+
+  Arguments not given are read from the environment: ``DDP_JAX_COORDINATOR``
+  (``host:port``), ``DDP_JAX_NUM_PROCESSES``, ``DDP_JAX_PROCESS_ID``, or torchrun's
+  ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK`` (what ``ddp-jax-run`` sets);
+  with none of them, jax's own cluster detection (SLURM, Open MPI, ...) decides. On CPU
+  the cross-process collectives use ``cpu_collectives`` (gloo). Idempotent: a second call
+  returns the same description.
+
+  With ``exit_on_error`` an uncaught exception prints its traceback and ends the process
+  at once with code 1: jax's exit-time shutdown would otherwise wait for the other
+  processes (up to ``shutdown_timeout_s``) and a failing rank would hang instead of
+  failing, so ``ddp-jax-run`` could not stop the others.
+
+  Returns:
+    ``{"process_id", "num_processes", "local_devices", "global_devices"}``.
+  """
+  if _STATE.get("initialized"):
+    return _describe_processes()
+  if coordinator_address is None:
+    name, coordinator_address = _from_env("coordinator")
+    if coordinator_address is None:
+      (_, addr), (port_name, port) = _from_env("addr"), _from_env("port")
+      if addr and port:
+        coordinator_address = f"{addr}:{_as_int(port_name, port)}"
+      elif addr or port:
+        raise ValueError(
+            "ddp_jax.initialize: MASTER_ADDR and MASTER_PORT must be set together "
+            f"(got MASTER_ADDR={addr!r}, MASTER_PORT={port!r}).")
+  if num_processes is None:
+    name, value = _from_env("num_processes")
+    num_processes = None if value is None else _as_int(name, value)
+  if process_id is None:
+    name, value = _from_env("process_id")
+    process_id = None if value is None else _as_int(name, value)
+  given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+  if any(given) and not all(given):
+    raise ValueError(
+        "ddp_jax.initialize: give the coordinator address, the number of processes and this "
+        f"process's id together (got coordinator={coordinator_address!r}, "
+        f"num_processes={num_processes!r}, process_id={process_id!r}); launch with "
+        "ddp-jax-run, or set MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK.")
+  if num_processes is not None:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(
+          f"ddp_jax.initialize: process_id {process_id} is not in [0, {num_processes}).")
+  if cpu_collectives:  # only used by the CPU backend; harmless on GPUs
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  if coordinator_address is not None and process_id not in (None, 0):
+    _wait_for_coordinator(coordinator_address, timeout_s, num_processes, process_id)
+  if coordinator_address is not None:
+    print(f"[ddp_jax] process {process_id}/{num_processes}: joining {coordinator_address} "
+          f"(up to {timeout_s} s; a DEADLINE_EXCEEDED abort from jax means a peer never "
+          "arrived)", file=sys.stderr, flush=True)
+  kwargs = dict(local_device_ids=local_device_ids, initialization_timeout=timeout_s)
+  if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+    kwargs["shutdown_timeout_seconds"] = shutdown_timeout_s
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+  except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError here
+    raise RuntimeError(
+        f"ddp_jax.initialize: could not join {num_processes} processes at "
+        f"{coordinator_address} as process {process_id} within {timeout_s} s ({e}). Check "
+        "that every process was started, with the same address and process count, and "
+        "that the coordinator's port is reachable.") from e
+  _STATE["initialized"] = True
+  if exit_on_error:
+    _exit_on_uncaught_exception()
+  return _describe_processes()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, num_processes, process_id) -> None:
+  """Raises a helpful error if the coordinator's port never opens (jax would abort)."""
+  import socket
+  import time
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise RuntimeError(
+            f"ddp_jax.initialize: could not join {num_processes} processes at {address} as "
+            f"process {process_id} within {timeout_s} s: nothing listens there ({e}). Check "
+            "that process 0 was started, with the same address and process count, and that "
+            "its port is reachable.") from None
+      time.sleep(0.2)
+
+
+def _exit_on_uncaught_exception() -> None:
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    previous(kind, value, tb)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+  sys.excepthook = hook
+
+
+_STATE: dict = {}
+
+
+def _describe_processes() -> dict:
+  return {"process_id": jax.process_index(), "num_processes": jax.process_count(),
+          "local_devices": jax.local_device_count(), "global_devices": jax.device_count()}

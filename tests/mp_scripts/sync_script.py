@@ -1,0 +1,84 @@
+"""Run by ddp-jax-run in tests: sync known gradients over all processes' devices and
+train a few steps; prints one JSON line per result, prefixed RESULT."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+import ddp_jax
+
+info = ddp_jax.initialize()
+assert ddp_jax.initialize() == info  # idempotent
+mode = sys.argv[1]
+n = jax.device_count()
+mesh = jax.make_mesh((n,), ("data",))
+
+
+def grads_for(device_index, step):
+  rng = np.random.default_rng(1000 * step + device_index)
+  return {"w": rng.standard_normal((16, 12)).astype(np.float32),
+          "b": rng.standard_normal((12,)).astype(np.float32)}
+
+
+def local_stacked(step):
+  """This process's rows of the (devices, ...) gradient arrays."""
+  order = [list(mesh.devices.flat).index(d) for d in mesh.local_devices]
+  per = [grads_for(i, step) for i in order]
+  return jax.tree.map(lambda *xs: np.stack(xs), *per)
+
+
+hooks = {"allreduce": ddp_jax.hooks.allreduce(),
+         "powersgd": ddp_jax.hooks.powersgd(rank=2, start_iter=1),
+         "int8_ef": ddp_jax.hooks.error_feedback(ddp_jax.hooks.int8_allreduce())}
+
+if mode == "sync":
+  for name, hook in hooks.items():
+    tx = ddp_jax.sync_gradients("data", hook=hook)
+    params = grads_for(0, 0)
+    state = ddp_jax.init_state(tx, params, mesh, "data")
+    specs = ddp_jax.state_specs(state, "data")
+    fn = jax.jit(jax.shard_map(lambda s, g, tx=tx: tx.update(jax.tree.map(lambda x: x[0], g), s),
+                               mesh=mesh, in_specs=(specs, P("data")), out_specs=(P(), specs)))
+    for step in range(3):
+      u, state = fn(state, ddp_jax.global_batch(local_stacked(step), mesh))
+    out = {k: np.asarray(v.addressable_data(0)).tolist() for k, v in u.items()}
+    print("RESULT " + json.dumps({"hook": name, "rank": info["process_id"], "u": out}))
+elif mode == "train":
+  params = {"w": jnp.zeros((16, 12)), "b": jnp.zeros((12,))}
+  # Different starting points per process: broadcast_from_process0 makes them equal.
+  params = jax.tree.map(lambda x: x + 0.1 + info["process_id"], params)
+  params = ddp_jax.broadcast_from_process0(params)
+  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
+
+  def loss(p, x):
+    return jnp.mean((x @ p["w"] + p["b"]) ** 2)
+
+  def step(p, s, x):
+    u, s = tx.update(jax.grad(loss)(p, x), s, p)
+    return optax.apply_updates(p, u), s
+
+  state = ddp_jax.init_state(tx, params, mesh, "data")
+  specs = ddp_jax.state_specs(state, "data")
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), specs, P("data")),
+                             out_specs=(P(), specs)))
+  p = jax.device_put(params, jax.sharding.NamedSharding(mesh, P()))
+  for t in range(5):
+    idx = ddp_jax.shard_indices(64, epoch=t)
+    rng = np.random.default_rng(t)
+    data = rng.standard_normal((64, 16)).astype(np.float32)[idx]
+    p, state = fn(p, state, ddp_jax.global_batch(data, mesh))
+  ddp_jax.verify_replicas(p, check_values=True)
+  w = np.asarray(p["w"].addressable_data(0))
+  print("RESULT " + json.dumps({"rank": info["process_id"], "w_sum": float(w.sum()),
+                                "w00": float(w[0, 0])}))
+elif mode == "fail":
+  import time
+  if info["process_id"] == 1:
+    print("rank 1 failing on purpose", flush=True)
+    raise RuntimeError("boom")
+  time.sleep(120)

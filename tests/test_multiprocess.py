@@ -1,0 +1,159 @@
+"""Several processes through ddp-jax-run (gloo CPU collectives on localhost), the
+launcher's failure handling, initialize's settings, and DistributedSampler semantics."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import ddp_jax
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "mp_scripts" / "sync_script.py"
+LAUNCH = [sys.executable, "-m", "ddp_jax.run"]
+
+
+def launch(*args, timeout=180):
+  proc = subprocess.run([*LAUNCH, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env={**__import__("os").environ, "XLA_FLAGS": ""})
+  results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+             if "RESULT " in line]
+  return proc, results
+
+
+def grads_for(device_index, step):  # the same gradients as the script's
+  rng = np.random.default_rng(1000 * step + device_index)
+  return {"w": rng.standard_normal((16, 12)).astype(np.float32),
+          "b": rng.standard_normal((12,)).astype(np.float32)}
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process_mesh():
+  """2 processes x 2 CPU devices give the synced gradients of 1 process x 4 devices."""
+  proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT), "sync")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "[0] RESULT" in proc.stdout and "[1] RESULT" in proc.stdout  # rank prefixes
+  mesh4 = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  hooks = {"allreduce": ddp_jax.hooks.allreduce(),
+           "powersgd": ddp_jax.hooks.powersgd(rank=2, start_iter=1),
+           "int8_ef": ddp_jax.hooks.error_feedback(ddp_jax.hooks.int8_allreduce())}
+  for name, hook in hooks.items():
+    tx = ddp_jax.sync_gradients("data", hook=hook)
+    state = ddp_jax.init_state(tx, grads_for(0, 0), mesh4, "data")
+    specs = ddp_jax.state_specs(state, "data")
+    fn = jax.jit(jax.shard_map(lambda s, g, tx=tx: tx.update(jax.tree.map(lambda x: x[0], g), s),
+                               mesh=mesh4, in_specs=(specs, P("data")), out_specs=(P(), specs)))
+    for step in range(3):
+      stacked = jax.tree.map(lambda *xs: np.stack(xs), *[grads_for(i, step) for i in range(4)])
+      u, state = fn(state, ddp_jax.shard(stacked, mesh4, "data"))
+    got = [r for r in results if r["hook"] == name]
+    assert sorted(r["rank"] for r in got) == [0, 1]
+    for r in got:
+      for k in ("w", "b"):
+        np.testing.assert_allclose(np.asarray(r["u"][k]), np.asarray(u[k]), rtol=1e-5,
+                                   atol=1e-5, err_msg=f"{name} {k} rank {r['rank']}")
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_identically():
+  proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT), "train")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert len(results) == 2 and results[0]["w_sum"] == results[1]["w_sum"]
+  assert abs(results[0]["w00"] - 0.1) > 1e-4  # trained away from process 0's start
+
+
+@pytest.mark.multiprocess
+def test_failing_rank_stops_the_others_promptly():
+  t0 = time.perf_counter()
+  proc, _ = launch("--nproc-per-node", "2", "--grace-s", "2", str(SCRIPT), "fail", timeout=60)
+  elapsed = time.perf_counter() - t0
+  assert proc.returncode == 1
+  assert "ddp-jax-run: rank 1 exited with code 1; stopping the other ranks" in proc.stderr
+  assert "[1] rank 1 failing on purpose" in proc.stdout
+  assert "[1] RuntimeError: boom" in proc.stdout  # the child's traceback, rank-prefixed
+  assert elapsed < 45  # rank 0 would sleep 120 s
+
+
+def test_launcher_bad_args():
+  for args, msg in [(["--nproc-per-node", "0", "x.py"], "--nproc-per-node must be >= 1"),
+                    (["--nnodes", "2", "x.py"], "--master-port is required"),
+                    (["--nnodes", "2", "--node-rank", "2", "--master-port", "1", "x.py"],
+                     "--node-rank must be in")]:
+    proc = subprocess.run([*LAUNCH, *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and msg in proc.stderr
+
+
+def test_launcher_env(tmp_path):
+  from ddp_jax.run import child_env, parse_args
+  args = parse_args(["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "4",
+                     "--master-addr", "10.1.2.3", "--master-port", "29500", "t.py", "--lr", "1"])
+  env = child_env(args, 2, 29500)
+  assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("6", "8", "2")
+  assert env["MASTER_ADDR"] == "10.1.2.3" and env["DDP_JAX_COORDINATOR"] == "10.1.2.3:29500"
+  assert args.script_args == ["--lr", "1"]
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"MASTER_ADDR": "127.0.0.1"}, "MASTER_ADDR and MASTER_PORT must be set together"),
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "x1"}, r"MASTER_PORT='x1' is not an integer"),
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "1", "WORLD_SIZE": "2"},
+     "give the coordinator address, the number of processes and this process's id together"),
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "1", "WORLD_SIZE": "2", "RANK": "2"},
+     r"process_id 2 is not in \[0, 2\)"),
+])
+def test_initialize_bad_settings(monkeypatch, env, match):
+  for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "DDP_JAX_COORDINATOR",
+               "DDP_JAX_NUM_PROCESSES", "DDP_JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError, match=match):
+    ddp_jax.initialize()
+
+
+@pytest.mark.multiprocess
+def test_initialize_times_out_with_a_message():
+  code = ("import ddp_jax\n"
+          "try:\n"
+          "  ddp_jax.initialize('127.0.0.1:1', 2, 1, timeout_s=3)\n"
+          "except RuntimeError as e:\n"
+          "  print('MSG', e)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+  assert "could not join 2 processes at 127.0.0.1:1 as process 1 within 3 s" in proc.stdout
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("n, world, drop_last", [(10, 3, False), (10, 3, True), (7, 4, False),
+                                                 (16, 4, True), (5, 8, False)])
+def test_shard_indices_like_distributed_sampler(n, world, drop_last):
+  torch_data = pytest.importorskip("torch.utils.data")
+  for rank in range(world):
+    theirs = list(torch_data.DistributedSampler(range(n), num_replicas=world, rank=rank,
+                                                shuffle=False, drop_last=drop_last))
+    ours = ddp_jax.shard_indices(n, shuffle=False, num_replicas=world, rank=rank,
+                                 drop_last=drop_last).tolist()
+    assert ours == theirs
+
+
+def test_shard_indices_shuffle_partition():
+  parts = [ddp_jax.shard_indices(100, epoch=3, num_replicas=4, rank=r) for r in range(4)]
+  assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+  again = ddp_jax.shard_indices(100, epoch=3, num_replicas=4, rank=1)
+  other_epoch = ddp_jax.shard_indices(100, epoch=4, num_replicas=4, rank=1)
+  assert np.array_equal(parts[1], again) and not np.array_equal(parts[1], other_epoch)
+  with pytest.raises(ValueError, match=r"rank 4 is not in \[0, 4\)"):
+    ddp_jax.shard_indices(10, num_replicas=4, rank=4)
+
+
+def test_global_batch_single_process(mesh8):
+  x = np.arange(16.0).reshape(8, 2)
+  g = ddp_jax.global_batch({"x": x}, mesh8)
+  assert g["x"].sharding.spec == P("data") and np.array_equal(np.asarray(g["x"]), x)
+
