@@ -28,6 +28,8 @@ _CALLS = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_co
                     r"=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRUE_FALSE = re.compile(r"(?:true|false)_computation=%?([\w.\-]+)")
+_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _BUCKET = re.compile(r"ddp_bucket(\d+)")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -44,6 +46,7 @@ class Counts:
   bytes: int = 0  # bytes of the results, per device
   calls: int = 0  # distinct (bucket, kind) groups plus ops outside buckets
   in_conditional: int = 0  # ops inside a branch of a conditional (lax.cond / lax.switch)
+  bytes_by_group_size: dict = dataclasses.field(default_factory=dict)  # replicas per group -> bytes
 
 
 @dataclasses.dataclass
@@ -66,6 +69,15 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZE[dtype]
   bits = re.findall(r"\d+", dtype)
   return max(1, int(bits[0]) // 8) if bits else 1
+
+
+def _group_size(line: str) -> int:
+  """Replicas in each replica group of a collective (0 when the line does not say)."""
+  m = _GROUPS.search(line)
+  if m:
+    return len([x for x in m.group(1).split(",") if x])
+  m = _IOTA_GROUPS.search(line)
+  return int(m.group(2)) if m else 0
 
 
 def count_collectives(hlo_text: str) -> dict[str, Counts]:
@@ -98,11 +110,15 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
     shapes = _SHAPE.findall(m.group("type"))
     c.ops += 1
     c.operands += max(1, len(shapes) if m.group("type").startswith("(") else 1)
+    nbytes = 0
     for dtype, dims in shapes:
       n = 1
       for d in filter(None, dims.split(",")):
         n *= int(d)
-      c.bytes += n * _itemsize(dtype)
+      nbytes += n * _itemsize(dtype)
+    c.bytes += nbytes
+    group = _group_size(line)
+    c.bytes_by_group_size[group] = c.bytes_by_group_size.get(group, 0) + nbytes
     bucket = _BUCKET.search(line)
     groups.setdefault(kind, set()).add(bucket.group(1) if bucket else ("op", c.ops))
   for kind, c in out.items():

@@ -31,9 +31,9 @@ def main():
   import optax
   from jax.sharding import PartitionSpec as P
   from sklearn.datasets import load_digits
+  from train_cpu_mesh import make_hook
 
   import ddp_jax
-  from train_cpu_mesh import make_hook
 
   info = ddp_jax.initialize()
   rank = info["process_id"]

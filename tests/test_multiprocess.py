@@ -61,6 +61,30 @@ def test_two_processes_match_one_process_mesh():
 
 
 @pytest.mark.multiprocess
+def test_hierarchical_two_processes_match_one_process():
+  """node = process: 2 processes x 2 devices against a 2 x 2 mesh in this process."""
+  proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT), "hier")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  axes = ("node", "local")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), axes)
+  for name, inner in [("allreduce", ddp_jax.hooks.allreduce()),
+                      ("fp16", ddp_jax.hooks.fp16_compress())]:
+    tx = ddp_jax.sync_gradients(axes, hook=ddp_jax.hooks.hierarchical(inner, local_size=2))
+    state = ddp_jax.init_state(tx, grads_for(0, 0), mesh, axes)
+    specs = ddp_jax.state_specs(state, axes)
+    fn = jax.jit(jax.shard_map(lambda s, g, tx=tx: tx.update(jax.tree.map(lambda x: x[0], g), s),
+                               mesh=mesh, in_specs=(specs, P(axes)), out_specs=(P(), specs)))
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[grads_for(i, 0) for i in range(4)])
+    u, _ = fn(state, ddp_jax.shard(stacked, mesh, axes))
+    got = [r for r in results if r["hook"] == name]
+    assert len(got) == 2
+    for r in got:
+      for k in ("w", "b"):
+        np.testing.assert_allclose(np.asarray(r["u"][k]), np.asarray(u[k]), rtol=1e-6,
+                                   atol=1e-6, err_msg=f"{name} {k}")
+
+
+@pytest.mark.multiprocess
 def test_two_processes_train_identically():
   proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT), "train")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

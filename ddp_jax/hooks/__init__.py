@@ -25,13 +25,14 @@ from ddp_jax.hooks.compression import (
 )
 from ddp_jax.hooks.default import allgather_then_aggregate, allreduce, noop
 from ddp_jax.hooks.error_feedback import error_feedback
+from ddp_jax.hooks.hierarchical import hierarchical
 from ddp_jax.hooks.local_sgd import post_local_sgd
 from ddp_jax.hooks.powersgd import batched_powersgd, powersgd
 from ddp_jax.hooks.quantization import int8_allreduce, quantize_per_channel, quantize_per_tensor
 from ddp_jax.hooks.sparsification import sign_compress, topk
 
 __all__ = [
-    "adasum", "by_path", "post_local_sgd", "schedule", "sign_compress", "topk",
+    "adasum", "by_path", "hierarchical", "post_local_sgd", "schedule", "sign_compress", "topk",
     "CommHook", "GradBucket", "HookContext", "WireCost", "allgather_bytes",
     "allgather_then_aggregate", "allreduce", "allreduce_bytes", "batched_powersgd", "bf16_compress",
     "bf16_compress_wrapper", "compress_wrapper", "error_feedback", "fp16_compress",

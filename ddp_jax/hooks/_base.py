@@ -197,14 +197,14 @@ def as_varying(tree, axis_name):
   return jax.tree.map(one, tree)
 
 
-def all_gather(x, axis_name):
+def all_gather(x, axis_name, **kwargs):
   """``lax.all_gather`` whose result is typed replicated (invariant) under ``shard_map``:
   every replica holds the same gathered array, so a hook built on it returns values a
   ``P()`` out-spec accepts. Plain ``all_gather`` where that typing does not apply."""
   try:
-    return jax.lax.all_gather(x, axis_name, to="invarying")
+    return jax.lax.all_gather(x, axis_name, to="invarying", **kwargs)
   except (TypeError, ValueError, AssertionError):  # older jax, or vmap
-    return jax.lax.all_gather(x, axis_name)
+    return jax.lax.all_gather(x, axis_name, **kwargs)
 
 
 def quality(corrected, residual) -> dict:

@@ -76,6 +76,26 @@ elif mode == "train":
   w = np.asarray(p["w"].addressable_data(0))
   print("RESULT " + json.dumps({"rank": info["process_id"], "w_sum": float(w.sum()),
                                 "w00": float(w[0, 0])}))
+elif mode == "hier":
+  # node = process: each process's devices form one row of the ("node", "local") mesh.
+  devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  local = jax.local_device_count()
+  mesh2 = jax.sharding.Mesh(np.array(devs).reshape(-1, local), ("node", "local"))
+  flat = list(mesh2.devices.flat)
+  axes = ("node", "local")
+  for name, inner in [("allreduce", ddp_jax.hooks.allreduce()),
+                      ("fp16", ddp_jax.hooks.fp16_compress())]:
+    tx = ddp_jax.sync_gradients(axes, hook=ddp_jax.hooks.hierarchical(inner, local_size=local))
+    state = ddp_jax.init_state(tx, grads_for(0, 0), mesh2, axes)
+    specs = ddp_jax.state_specs(state, axes)
+    fn = jax.jit(jax.shard_map(lambda s, g, tx=tx: tx.update(jax.tree.map(lambda x: x[0], g), s),
+                               mesh=mesh2, in_specs=(specs, P(axes)), out_specs=(P(), specs)))
+    mine = [flat.index(d) for d in mesh2.local_devices]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[grads_for(i, 0) for i in mine])
+    g = ddp_jax.global_batch(stacked, mesh2, axes)
+    u, state = fn(state, g)
+    out = {k: np.asarray(v.addressable_data(0)).tolist() for k, v in u.items()}
+    print("RESULT " + json.dumps({"hook": name, "rank": info["process_id"], "u": out}))
 elif mode == "fail":
   import time
   if info["process_id"] == 1:
