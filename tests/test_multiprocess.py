@@ -181,3 +181,35 @@ def test_global_batch_single_process(mesh8):
   g = ddp_jax.global_batch({"x": x}, mesh8)
   assert g["x"].sharding.spec == P("data") and np.array_equal(np.asarray(g["x"]), x)
 
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_stops_every_rank(tmp_path):
+  import os
+  import signal
+  script = tmp_path / "sleeper.py"
+  script.write_text("import os, time\n"
+                    "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+                    "time.sleep(120)\n")
+  env = {**os.environ, "PIDS": str(tmp_path / "pid")}
+  proc = subprocess.Popen([*LAUNCH, "--nproc-per-node", "2", "--grace-s", "2", str(script)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 30
+  while time.time() < deadline and not all((tmp_path / f"pid{r}").exists() for r in (0, 1)):
+    time.sleep(0.1)
+  pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 130 and "interrupted, stopping all ranks" in err
+  for pid in pids:
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
+def test_console_script_installed():
+  import shutil
+  exe = shutil.which("ddp-jax-run")
+  assert exe, "pip install -e . installs the ddp-jax-run console script"
+  out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+  assert out.returncode == 0 and "--nproc-per-node" in out.stdout
