@@ -1,5 +1,9 @@
 """Sync cost of ddp_jax against plain ``lax.pmean``, measured in the same run.
 
+Methods: ``pmean`` (plain ``lax.pmean``), ``sync_auto`` / ``sync_ravel`` / ``sync_variadic``
+(the default hook with each pack mode) and ``hook:<expr>`` for any hook, e.g.
+``"hook:powersgd(rank=4, start_iter=0)"``.
+
 Single process (8 fake CPU devices by default):
     python benchmarks/bench_sync.py --trees resnet50 tiny_161x4k
 Several processes, one CPU device each, gloo collectives over localhost:
@@ -34,6 +38,9 @@ def parse_args(argv=None):
   p.add_argument("--processes", type=int, default=1)
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--out", default=str(HERE / "out"))
+  p.add_argument("--bandwidth-gbit", type=float, default=None,
+                 help="the link's rate: adds the ring lower bound per method")
+  p.add_argument("--tag", default="", help="suffix for the output file names")
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -50,7 +57,10 @@ def make_step(method, mesh, axis="data"):
     def sync(g):
       return lax.pmean(g, axis)
   else:
-    tx = ddp_jax.sync_gradients(axis, pack=method.split("_", 1)[1])
+    if method.startswith("hook:"):
+      tx = ddp_jax.sync_gradients(axis, hook=ddp_jax.hooks.parse(method[5:]))
+    else:
+      tx = ddp_jax.sync_gradients(axis, pack=method.split("_", 1)[1])
 
     def sync(g):
       return tx.update(g, tx.init(g))[0]
@@ -82,6 +92,26 @@ def global_grads(tree, mesh, axis="data"):
   return jax.tree.unflatten(treedef, [make(i, x) for i, x in enumerate(leaves)])
 
 
+def _lo_tx_bytes() -> int:
+  """Bytes sent on this network namespace's loopback (/proc/net/dev is per namespace)."""
+  try:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+      name, _, fields = line.partition(":")
+      if name.strip() == "lo":
+        return int(fields.split()[8])
+  except OSError:
+    pass
+  return 0
+
+
+def stated_bytes(method, tree, world):
+  import ddp_jax
+  hook = (ddp_jax.hooks.parse(method[5:]) if method.startswith("hook:")
+          else ddp_jax.hooks.allreduce())
+  plan = ddp_jax.plan_buckets(tree)
+  return sum(c.bytes for c in ddp_jax.hooks.wire_bytes(hook, plan, world))
+
+
 def measure(method, tree_name, mesh, repeats):
   import jax
   import numpy as np
@@ -101,10 +131,12 @@ def measure(method, tree_name, mesh, repeats):
   for _ in range(2):
     jax.block_until_ready(compiled(g))
   times = []
+  lo0 = _lo_tx_bytes()
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(compiled(g))
     times.append(time.perf_counter() - t)
+  lo_bytes = (_lo_tx_bytes() - lo0) / repeats
   low = report.lowered.get("all-reduce")
   comp = report.compiled.get("all-reduce")
   nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -117,7 +149,22 @@ def measure(method, tree_name, mesh, repeats):
       "compiled_allreduce_operands": comp.operands if comp else 0,
       "compiled_allreduce_bytes": comp.bytes if comp else 0,
       "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
+      "stated_bytes_per_replica": stated_bytes(method, tree, mesh.size),
+      "loopback_bytes_per_sync": lo_bytes,
   }
+
+
+def add_bounds(results, args, world):
+  """Ring lower bound on one shared link: every replica's bytes cross it."""
+  if not args.bandwidth_gbit:
+    return
+  rate = args.bandwidth_gbit * 1e9 / 8
+  base = {r["tree"]: r for r in results if r["method"] in ("hook:allreduce()", "pmean")}
+  for r in results:
+    r["bound_s"] = world * r["stated_bytes_per_replica"] / rate
+    r["ratio_to_bound"] = r["median_s"] / r["bound_s"] if r["bound_s"] else float("nan")
+    if r["tree"] in base:
+      r["speedup_vs_f32"] = base[r["tree"]]["median_s"] / r["median_s"]
 
 
 def run_all(args, mesh):
@@ -137,10 +184,26 @@ def run_all(args, mesh):
     if r["tree"] in base:
       r["ratio_to_pmean"] = r["median_s"] / base[r["tree"]]["median_s"]
       r["compile_ratio_to_pmean"] = r["compile_s"] / base[r["tree"]]["compile_s"]
+  add_bounds(results, args, mesh.size)
   return results
 
 
+def bound_table(results, title):
+  lines = [f"### {title}", "",
+           "| tree | method | median s | stated MiB/replica | loopback MiB/sync | bound s | "
+           "/ bound | speed-up vs f32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for r in results:
+    lines.append(
+        f"| {r['tree']} | {r['method']} | {r['median_s']:.3f} | "
+        f"{r['stated_bytes_per_replica'] / 2**20:.2f} | "
+        f"{r['loopback_bytes_per_sync'] / 2**20:.2f} | {r['bound_s']:.3f} | "
+        f"{r['ratio_to_bound']:.2f} | {r.get('speedup_vs_f32', float('nan')):.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def table(results, title):
+  if results and "bound_s" in results[0]:
+    return bound_table(results, title)
   lines = [f"### {title}", "",
            "| tree | method | median ms | / pmean | compile s | / pmean | all-reduce ops "
            "lowered -> compiled (operands) | temp MiB |",
@@ -183,8 +246,9 @@ def worker(args):
   mesh = jax.make_mesh((args.processes,), ("data",))
   results = run_all(args, mesh)
   if args.worker == 0:
-    write(results, args, f"{args.processes} processes x 1 CPU device, gloo "
-          f"(jax {jax.__version__})", f"sync_{args.processes}proc_gloo")
+    link = f", {args.bandwidth_gbit:g} Gbit/s link" if args.bandwidth_gbit else ""
+    write(results, args, f"{args.processes} processes x 1 CPU device, gloo{link} "
+          f"(jax {jax.__version__})", f"sync_{args.processes}proc_gloo{args.tag}")
   jax.distributed.shutdown()
 
 

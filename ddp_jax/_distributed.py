@@ -240,6 +240,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
   except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError here
+    if coordinator_address is None:
+      raise RuntimeError(
+          "ddp_jax.initialize: no cluster configured and jax found none to detect "
+          f"({e}). Launch with ddp-jax-run, set MASTER_ADDR, MASTER_PORT, WORLD_SIZE and "
+          "RANK (or DDP_JAX_COORDINATOR, DDP_JAX_NUM_PROCESSES, DDP_JAX_PROCESS_ID), or "
+          "pass the arguments.") from e
     raise RuntimeError(
         f"ddp_jax.initialize: could not join {num_processes} processes at "
         f"{coordinator_address} as process {process_id} within {timeout_s} s ({e}). Check "

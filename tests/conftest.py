@@ -19,3 +19,7 @@ def standard_promotion():
   """optax's adam mixes int32 counts with float32 under the hood (not strict-clean)."""
   with jax.numpy_dtype_promotion("standard"):
     yield
+
+
+# Scripts that tests launch in other processes, not test modules.
+collect_ignore = ["mp_scripts"]

@@ -213,3 +213,19 @@ def test_console_script_installed():
   assert exe, "pip install -e . installs the ddp-jax-run console script"
   out = subprocess.run([exe, "--help"], capture_output=True, text=True)
   assert out.returncode == 0 and "--nproc-per-node" in out.stdout
+
+
+@pytest.mark.multiprocess
+def test_initialize_without_any_cluster_says_how():
+  code = ("import ddp_jax\n"
+          "try:\n"
+          "  ddp_jax.initialize()\n"
+          "except RuntimeError as e:\n"
+          "  print('MSG', e)\n")
+  env = {k: v for k, v in __import__("os").environ.items()
+         if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+         and not k.startswith("DDP_JAX_") and not k.startswith("SLURM")}
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT, env=env)
+  assert "no cluster configured and jax found none to detect" in proc.stdout
+  assert "Launch with ddp-jax-run" in proc.stdout

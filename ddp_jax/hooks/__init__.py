@@ -37,8 +37,30 @@ __all__ = [
     "allgather_then_aggregate", "allreduce", "allreduce_bytes", "batched_powersgd", "bf16_compress",
     "bf16_compress_wrapper", "compress_wrapper", "error_feedback", "fp16_compress",
     "fp16_compress_wrapper", "int8_allreduce", "noop", "powersgd", "quantize_per_channel",
-    "quantize_per_tensor", "reduce_scatter_bytes", "wire_bytes", "wire_cost",
+    "quantize_per_tensor", "reduce_scatter_bytes", "wire_bytes", "wire_cost", "parse",
 ]
+
+
+def parse(expr: str) -> CommHook:
+  """A hook from a string, for command lines: ``parse("powersgd(rank=2)")``; a bare name
+  is called with no arguments (``parse("fp16_compress")``). Only names from this module
+  are visible.
+
+  Examples:
+    >>> parse("topk(0.1)").wire is not None
+    True
+  """
+  names = {n: globals()[n] for n in __all__ if n != "parse"}
+  text = expr.strip()
+  if text.isidentifier():
+    text += "()"
+  try:
+    hook = eval(text, {"__builtins__": {}}, names)  # noqa: S307
+  except Exception as e:
+    raise ValueError(f"hooks.parse: cannot make a hook from {expr!r}: {e}") from None
+  if not isinstance(hook, CommHook):
+    raise ValueError(f"hooks.parse: {expr!r} is not a hook.")
+  return hook
 
 
 def wire_bytes(hook: CommHook, plan, world_size: int) -> list[WireCost]:
