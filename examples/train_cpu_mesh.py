@@ -43,16 +43,9 @@ def make_hook(expr: str):
   return hooks.parse(expr)
 
 
-def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress=True):
-  """Trains the digits MLP on all devices; returns losses, test accuracy, stats."""
+def mlp():
+  """The digits classifier: a small flax MLP."""
   import flax.linen as nn
-  import jax
-  import numpy as np
-  import optax
-  from jax.sharding import PartitionSpec as P
-  from sklearn.datasets import load_digits
-
-  import ddp_jax
 
   class MLP(nn.Module):
     @nn.compact
@@ -61,25 +54,31 @@ def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress
       x = nn.relu(nn.Dense(64)(x))
       return nn.Dense(10)(x)
 
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(len(x))
-  split = int(0.8 * len(x))
-  train_idx, test_idx = order[:split], order[split:]
+  return MLP()
 
-  n = jax.device_count()
-  mesh = jax.make_mesh((n,), ("data",))
-  model = MLP()
-  params = model.init(jax.random.key(seed), x[:1])
-  hook = make_hook(hook_expr)
-  sync = ddp_jax.sync_gradients("data", hook=hook)
-  tx = optax.chain(sync, optax.adam(lr))
+
+def digits(seed=0):
+  """scikit-learn's bundled digits, scaled to [0, 1], split 80/20 by a seeded permutation."""
+  import numpy as np
+  from sklearn.datasets import load_digits
+  data = load_digits()
+  x = (data.data / 16.0).astype(np.float32)
+  y = data.target.astype(np.int32)
+  order = np.random.default_rng(seed).permutation(len(x))
+  split = int(0.8 * len(x))
+  return x, y, order[:split], order[split:]
+
+
+def data_parallel_step(model, tx, params, mesh):
+  """The jitted shard_map training step and its initial (replicated) params and state."""
+  import jax
+  import optax
+  from jax.sharding import PartitionSpec as P
+
+  import ddp_jax
 
   def loss_fn(p, xb, yb):
-    logits = model.apply(p, xb)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
 
   def train_step(p, s, xb, yb):
     loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
@@ -91,8 +90,25 @@ def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress
   step = jax.jit(jax.shard_map(train_step, mesh=mesh,
                                in_specs=(P(), specs, P("data"), P("data")),
                                out_specs=(P(), specs, P())))
-  params = ddp_jax.replicate(params, mesh)
+  return step, ddp_jax.replicate(params, mesh), opt_state
 
+
+def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress=True):
+  """Trains the digits MLP on all devices; returns losses, test accuracy, stats."""
+  import jax
+  import numpy as np
+  import optax
+
+  import ddp_jax
+
+  x, y, train_idx, test_idx = digits(seed)
+  rng = np.random.default_rng(seed)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  model = mlp()
+  params = model.init(jax.random.key(seed), x[:1])
+  sync = ddp_jax.sync_gradients("data", hook=make_hook(hook_expr))
+  tx = optax.chain(sync, optax.adam(lr))
+  step, params, opt_state = data_parallel_step(model, tx, params, mesh)
   bar = range(steps)
   if progress:
     try:
@@ -112,7 +128,7 @@ def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress
   logits = model.apply(jax.device_get(params), x[test_idx])
   stats = jax.device_get(opt_state[0].stats)
   return {
-      "hook": hook_expr, "steps": steps, "devices": n, "losses": losses,
+      "hook": hook_expr, "steps": steps, "devices": jax.device_count(), "losses": losses,
       "accuracy": float((np.argmax(logits, -1) == y[test_idx]).mean()),
       "bytes_sent": float(stats.bytes_sent), "bytes_uncompressed": float(stats.bytes_uncompressed),
       "seconds": elapsed,

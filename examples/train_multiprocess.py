@@ -25,53 +25,23 @@ def main():
   p.add_argument("--out", default="examples/out")
   args = p.parse_args()
 
-  import flax.linen as nn
   import jax
   import numpy as np
   import optax
-  from jax.sharding import PartitionSpec as P
-  from sklearn.datasets import load_digits
-  from train_cpu_mesh import make_hook
+  from train_cpu_mesh import data_parallel_step, digits, make_hook, mlp
 
   import ddp_jax
 
   info = ddp_jax.initialize()
   rank = info["process_id"]
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      x = nn.relu(nn.Dense(128)(x))
-      x = nn.relu(nn.Dense(64)(x))
-      return nn.Dense(10)(x)
-
-  digits = load_digits()
-  x = (digits.data / 16.0).astype(np.float32)
-  y = digits.target.astype(np.int32)
-  order = np.random.default_rng(0).permutation(len(x))
-  train_idx, test_idx = order[: int(0.8 * len(x))], order[int(0.8 * len(x)):]
-
-  model = MLP()
+  x, y, train_idx, test_idx = digits()
+  model = mlp()
   params = model.init(jax.random.key(rank), x[:1])  # different per process on purpose
   params = ddp_jax.broadcast_from_process0(params)  # ... until process 0's win
   tx = optax.chain(ddp_jax.sync_gradients("data", hook=make_hook(args.hook)),
                    optax.adam(args.lr))
-
-  def loss_fn(p, xb, yb):
-    return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
-
-  def train_step(p, s, xb, yb):
-    loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, jax.lax.pmean(loss, "data")
-
-  opt_state = ddp_jax.init_state(tx, params, mesh, "data")
-  specs = ddp_jax.state_specs(opt_state, "data")
-  step = jax.jit(jax.shard_map(train_step, mesh=mesh,
-                               in_specs=(P(), specs, P("data"), P("data")),
-                               out_specs=(P(), specs, P())))
-  params = ddp_jax.replicate(params, mesh)
+  step, params, opt_state = data_parallel_step(model, tx, params, mesh)
   local = args.batch_per_device * jax.local_device_count()
   bar = range(args.steps)
   if rank == 0:

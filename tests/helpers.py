@@ -50,3 +50,20 @@ def assert_mean(updates, stacked, rtol=1e-6, atol=1e-6):
     for row in np.asarray(u, np.float64):
       np.testing.assert_allclose(row, want, rtol=rtol, atol=atol)
   jax.tree.map(check, updates, stacked)
+
+
+def stepper(tx, params, mesh, axis="data", extra_in=(), pass_params=False):
+  """A jitted shard_map step ``(state, stacked grads, *extras) -> (stacked updates, state)``
+  and its initial state. ``extra_in`` names per-replica extra args of ``tx.update``."""
+  state = ddp_jax.init_state(tx, params, mesh, axis)
+  specs = ddp_jax.state_specs(state, axis)
+
+  def step(s, g, *extra):
+    kwargs = {name: x[0] for name, x in zip(extra_in, extra)}
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s,
+                     params if pass_params else None, **kwargs)
+    return jax.tree.map(lambda x: x[None], u), s
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P(axis)) + (P(axis),) *
+                             len(extra_in), out_specs=(P(axis), specs)))
+  return fn, state

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import ddp_jax
 from ddp_jax import hooks
-from tests.helpers import assert_mean, per_device_grads, pmap_updates
+from tests.helpers import assert_mean, per_device_grads, pmap_updates, stepper
 
 # name -> (factory, tolerance against the exact mean, relative to max |grad|)
 HOOKS = {
@@ -53,16 +53,7 @@ def mesh_of(n):
 
 
 def run_shard_map(tx, stacked, mesh, steps=2):
-  params = jax.tree.map(lambda g: g[0], stacked)
-  state = ddp_jax.init_state(tx, params, mesh, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, jax.tree.map(lambda g: g[0], stacked), mesh)
   shapes0 = jax.tree.map(lambda x: (x.shape, x.dtype), state)
   g = ddp_jax.shard(stacked, mesh, "data")
   for _ in range(steps):
@@ -110,16 +101,7 @@ def test_battery_wire_and_participation(name, mesh8):
   # Replicas 6 and 7 have no data: the mean is over the other six.
   tx = ddp_jax.sync_gradients("data", hook=hook)
   g = per_device_grads(grads_tree(), 8, seed=2)
-  params = jax.tree.map(lambda x: x[0], g)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g, flag):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, participating=flag[0])
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data"), P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, jax.tree.map(lambda x: x[0], g), mesh8, extra_in=("participating",))
   flags = np.arange(8) < 6
   u, _ = fn(state, ddp_jax.shard(g, mesh8, "data"), ddp_jax.shard(flags, mesh8, "data"))
   if tol is not None:
@@ -152,15 +134,7 @@ def test_error_feedback_conserves_gradients(mesh8):
   """sum(applied) + residual == sum(true grads) on every replica, over many steps."""
   tx = ddp_jax.sync_gradients("data", hook=hooks.error_feedback(hooks.int8_allreduce()))
   params = {"w": jnp.zeros((33,))}
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8)
   applied = np.zeros((8, 33))
   true = np.zeros((8, 33))
   for t in range(20):
@@ -214,15 +188,7 @@ def test_powersgd_vanilla_until_start_then_compresses(mesh8):
   hook = hooks.powersgd(rank=2, start_iter=2)
   tx = ddp_jax.sync_gradients("data", hook=hook)
   params = jax.tree.map(lambda x: x[0], g)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8)
   gs = ddp_jax.shard(g, mesh8, "data")
   for t in range(4):
     u, state = fn(state, gs)
@@ -246,15 +212,7 @@ def test_powersgd_error_feedback_conserves(mesh8):
   g0 = lowrank_grads()
   tx = ddp_jax.sync_gradients("data", hook=hooks.powersgd(rank=1, start_iter=0))
   params = jax.tree.map(lambda x: x[0], g0)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8)
   paths = [p.split("'")[1] for p in ddp_jax.plan_buckets(params).buckets[0].paths]
 
   def flat(tree):
@@ -311,15 +269,7 @@ def test_schedule_switches_and_keeps_stage_states(mesh8):
   g = lowrank_grads()
   tx = ddp_jax.sync_gradients("data", hook=hook)
   params = jax.tree.map(lambda x: x[0], g)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8)
   mean = np.asarray(g["w"]).mean(0)
   errors = []
   for _ in range(5):
@@ -373,15 +323,7 @@ def test_sparsifiers_conserve_on_average(mesh8, hook):
   """Local error feedback: sum(applied) + mean(residuals) == mean of the summed gradients."""
   params = {"w": jnp.zeros((40,))}
   tx = ddp_jax.sync_gradients("data", hook=hook)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8)
   applied, true = np.zeros(40), np.zeros((8, 40))
   for t in range(15):
     g = per_device_grads(params, 8, seed=200 + t)
@@ -488,15 +430,7 @@ def test_checkpoint_round_trip_continues_identically(mesh8, name, standard_promo
   tx = optax.chain(ddp_jax.sync_gradients("data", hook=hook), optax.adam(1e-2))
   g = lowrank_grads()
   params = jax.tree.map(lambda x: x[0], g)
-  state = ddp_jax.init_state(tx, params, mesh8, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g):
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, params)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(specs, P("data")),
-                             out_specs=(P("data"), specs)))
+  fn, state = stepper(tx, params, mesh8, pass_params=True)
   grads = [ddp_jax.shard(lowrank_grads(seed=t), mesh8, "data") for t in range(6)]
   straight = state
   for t in range(6):

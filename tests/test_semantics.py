@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import ddp_jax
 from ddp_jax import hooks
 from ddp_jax.inspect import collectives
-from tests.helpers import assert_mean, per_device_grads
+from tests.helpers import assert_mean, per_device_grads, stepper
 from tests.multiproc import run_processes
 
 
@@ -21,18 +21,7 @@ def tree():
 
 
 def mapped(tx, mesh, params, extra_in=()):
-  """A jitted shard_map step (state, stacked grads, *extras) -> (stacked updates, state)."""
-  state = ddp_jax.init_state(tx, params, mesh, "data")
-  specs = ddp_jax.state_specs(state, "data")
-
-  def step(s, g, *extra):
-    kwargs = {name: x[0] for name, x in zip(extra_in, extra)}
-    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, params, **kwargs)
-    return jax.tree.map(lambda x: x[None], u), s
-
-  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P("data")) + (P("data"),) *
-                             len(extra_in), out_specs=(P("data"), specs)))
-  return fn, state
+  return stepper(tx, params, mesh, extra_in=extra_in, pass_params=True)
 
 
 # ---- no_sync: accumulate ----------------------------------------------------------------
