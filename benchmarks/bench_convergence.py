@@ -26,6 +26,7 @@ HOOKS = [
     "powersgd(rank=2, start_iter=50)",
     "powersgd(rank=1, start_iter=50)",
     "batched_powersgd(rank=2, start_iter=50)",
+    "batched_powersgd(rank=2, start_iter=50, use_error_feedback=False)",
     "fp16_compress_wrapper(powersgd(rank=2, start_iter=50))",
     "by_path({'*bias*': allreduce()}, default=powersgd(rank=2, start_iter=50))",
     "schedule({0: allreduce(), 100: int8_allreduce(), 200: powersgd(rank=2, start_iter=0)})",

@@ -70,28 +70,36 @@ def topk(ratio: float) -> CommHook:
 
 
 def sign_compress() -> CommHook:
-  """1-bit sign compression with a per-bucket scale and error feedback (EF-signSGD,
-  1-bit Adam style): each replica sends its corrected bucket's signs packed 8 per byte
-  and one scale (the mean absolute value); the mean of ``scale_r x sign_r`` comes back.
+  """1-bit sign compression with error feedback (EF-signSGD, 1-bit Adam style): each
+  replica sends its corrected bucket's signs packed 8 per byte and one scale per leaf (the
+  leaf's mean absolute value: a bucket mixes kernels and biases of very different sizes);
+  the mean of ``scale_r x sign_r`` comes back.
   """
+
+  def per_leaf(values, spec):
+    """Expands one value per leaf to the bucket's layout (static segments)."""
+    return jnp.concatenate([jnp.full((n,), values[i]) for i, n in enumerate(spec.lengths)])
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "sign_compress")
     corrected = _corrected(bucket, state, ctx)
-    scale = jnp.mean(jnp.abs(corrected.astype(jnp.float32)))
+    mags = jnp.abs(corrected.astype(jnp.float32))
+    scales = jnp.stack([jnp.mean(lax.slice_in_dim(mags, o, o + n))
+                        for o, n in zip(bucket.offsets, bucket.lengths)])
     positive = corrected >= 0
-    local = jnp.where(positive, scale, -scale).astype(corrected.dtype)
+    local_scale = per_leaf(scales, bucket.spec)
+    local = jnp.where(positive, local_scale, -local_scale).astype(corrected.dtype)
     bits = all_gather(jnp.packbits(positive), ctx.axis_name)
-    scales = all_gather(scale, ctx.axis_name)
+    all_scales = all_gather(scales, ctx.axis_name)  # (N, leaves)
     total = jnp.zeros(corrected.shape, jnp.float32)
     for r in range(bits.shape[0]):
       signs = jnp.unpackbits(bits[r], count=bucket.size).astype(jnp.float32) * 2 - 1
-      total = total + scales[r] * signs
+      total = total + per_leaf(all_scales[r], bucket.spec) * signs
     residual = _keep_if_idle(corrected - local, state, ctx)
     return divide(total, ctx.divisor).astype(bucket.dtype), {
         "residual": residual, **quality(corrected, corrected - local)}
 
   def wire_fn(spec, world):
-    return WireCost(allgather_bytes(math.ceil(spec.size / 8) + 4, world), 2)
+    return WireCost(allgather_bytes(math.ceil(spec.size / 8) + 4 * spec.num_leaves, world), 2)
 
   return CommHook(_residual_state, update_fn, wire_fn)
