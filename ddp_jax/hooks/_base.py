@@ -99,7 +99,7 @@ class CommHook(NamedTuple):
 
 def wire_cost(hook: CommHook, spec: BucketSpec, world_size: int) -> WireCost:
   """The hook's static traffic for one bucket (all-reduce of the bucket by default)."""
-  wire = hook[2] if len(hook) > 2 else None
+  wire = hook[2] if len(hook) > 2 else None  # a 2-tuple hook has no statement
   if wire is None:
     return WireCost(allreduce_bytes(spec.nbytes, world_size), 1)
   return WireCost(*wire(spec, world_size))
@@ -171,11 +171,6 @@ def to_leaves(reduced, bucket: GradBucket) -> tuple:
   if hasattr(reduced, "shape"):
     return bucket.from_flat(reduced)
   return tuple(reduced)
-
-
-def hook_wire(hook: CommHook):
-  """The hook's ``wire`` function, or None."""
-  return hook[2] if len(hook) > 2 else None
 
 
 def as_varying(tree, axis_name):

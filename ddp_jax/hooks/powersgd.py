@@ -112,10 +112,6 @@ class _Layout:
     self.uncompressed_size = sum(spec.lengths[i] for i in self.uncompressed)
 
 
-def _split_batches(flat, shapes):
-  return _pack.split_shapes(flat, shapes)
-
-
 def _corrected(bucket, state, ctx, use_error_feedback):
   """The bucket plus the residual; zeros on a replica that does not participate."""
   corrected = bucket.buffer()
@@ -194,10 +190,10 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
       ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
       p_all = lax.psum(_pack.ravel(ps), ctx.axis_name)  # summed: orthogonalized next
       ps = [orthogonalize(p, orthogonalization_epsilon)
-            for p in _split_batches(p_all, [p.shape for p in ps])]
+            for p in _pack.split_shapes(p_all, [p.shape for p in ps])]
       qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
       q_all = _allreduce_mean(_pack.ravel(qs), ctx)
-      qs = _split_batches(q_all, [q.shape for q in qs])
+      qs = _pack.split_shapes(q_all, [q.shape for q in qs])
       for (g, *_), p, q in zip(layout.groups, ps, qs):
         approx = jnp.einsum("bnr,bmr->bnm", p, q)
         for j, i in enumerate(g):
