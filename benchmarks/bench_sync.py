@@ -11,7 +11,7 @@ Several processes, one CPU device each, gloo collectives over localhost:
 
 Per tree and method: median time of one sync over ``--repeats`` runs, the ratio
 to pmean, compile time, collectives in the lowered and compiled HLO, and the
-compiled temp memory. Writes JSON and a markdown table to ``--out``.
+compiled temp memory. Writes JSON, a markdown table and a PNG bar chart to ``--out``.
 """
 
 from __future__ import annotations
@@ -226,6 +226,36 @@ def write(results, args, title, stem):
   md = table(results, title)
   (out / f"{stem}.md").write_text(md)
   print(md)
+  plot(results, title, out / f"{stem}.png")
+
+
+def plot(results, title, path):
+  """Bars: each method's median sync time per tree, relative to the first method's."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  trees = list(dict.fromkeys(r["tree"] for r in results))
+  methods = list(dict.fromkeys(r["method"] for r in results))
+  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(trees) * len(methods) / 2), 4))
+  width = 0.8 / len(methods)
+  for k, m in enumerate(methods):
+    xs, ys = [], []
+    for i, t in enumerate(trees):
+      rows = [r for r in results if r["tree"] == t and r["method"] == m]
+      base = [r for r in results if r["tree"] == t and r["method"] == methods[0]]
+      if rows and base:
+        xs.append(i + k * width)
+        ys.append(rows[0]["median_s"] / base[0]["median_s"])
+    ax.bar(xs, ys, width, label=m)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(trees))], trees)
+  ax.set(ylabel=f"sync time / {methods[0]}", yscale="log", title=title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
 
 
 def single_process(args):
@@ -235,7 +265,7 @@ def single_process(args):
   mesh = jax.make_mesh((args.devices,), ("data",))
   results = run_all(args, mesh)
   write(results, args, f"1 process, {args.devices} CPU devices (jax {jax.__version__})",
-        f"sync_1proc_{args.devices}dev")
+        f"sync_1proc_{args.devices}dev{args.tag}")
 
 
 def worker(args):
