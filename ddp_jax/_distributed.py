@@ -197,7 +197,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   Returns:
     ``{"process_id", "num_processes", "local_devices", "global_devices"}``.
   """
-  if _STATE.get("initialized"):
+  if jax.distributed.is_initialized():
     return _describe_processes()
   if coordinator_address is None:
     name, coordinator_address = _from_env("coordinator")
@@ -251,7 +251,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         f"{coordinator_address} as process {process_id} within {timeout_s} s ({e}). Check "
         "that every process was started, with the same address and process count, and "
         "that the coordinator's port is reachable.") from e
-  _STATE["initialized"] = True
   if exit_on_error:
     _exit_on_uncaught_exception()
   return _describe_processes()
@@ -287,9 +286,6 @@ def _exit_on_uncaught_exception() -> None:
     os._exit(1)
 
   sys.excepthook = hook
-
-
-_STATE: dict = {}
 
 
 def _describe_processes() -> dict:

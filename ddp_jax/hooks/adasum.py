@@ -46,9 +46,7 @@ def adasum(replicated_output: bool = True) -> CommHook:
     if n & (n - 1):
       raise ValueError(f"adasum: the axis {ctx.axis_name!r} has {n} replicas; Adasum's "
                        "recursive doubling needs a power of two.")
-    leaves = bucket.leaves
-    if ctx.participating is not None:
-      leaves = tuple(jnp.where(ctx.participating, x, jnp.zeros_like(x)) for x in leaves)
+    leaves = bucket.leaves  # an idle replica's bucket is already zeros
     d = 1
     while d < n:
       perm = [(i, i ^ d) for i in range(n)]

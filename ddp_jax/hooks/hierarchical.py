@@ -61,10 +61,7 @@ def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "
     nodes = lax.axis_size(node_axis)
     sub = shard_spec(bucket.spec)
     chunk = sub.shapes[0][0]
-    x = bucket.buffer()
-    if ctx.participating is not None:
-      x = jnp.where(ctx.participating, x, jnp.zeros_like(x))
-    x = jnp.pad(x, (0, chunk * local_size - bucket.size))
+    x = jnp.pad(bucket.buffer(), (0, chunk * local_size - bucket.size))
     shard = lax.psum_scatter(x, local_axis, scatter_dimension=0, tiled=True) / local_size
     inner_ctx = HookContext(node_axis, nodes, predivide_factor=ctx.predivide_factor)
     inner_bucket = GradBucket(sub, [shard], ((0,),), bucket.is_last)

@@ -27,9 +27,7 @@ def post_local_sgd(start_iter: int, local_axis) -> CommHook:
     return divide(lax.psum(x, axis), jnp.maximum(count, 1))
 
   def update_fn(bucket, state, ctx):
-    x = bucket.buffer()
-    if ctx.participating is not None:
-      x = jnp.where(ctx.participating, x, jnp.zeros_like(x))
+    x = bucket.buffer()  # an idle replica's bucket is already zeros
     reduced = lax.cond(state["iter"] < start_iter,
                        lambda v: as_varying(mean_over(v, ctx.axis_name, ctx), ctx.axis_name),
                        lambda v: as_varying(mean_over(v, local_axis, ctx), ctx.axis_name), x)
