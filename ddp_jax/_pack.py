@@ -14,8 +14,8 @@ A bucket is sent as a list of *operands*. How leaves become operands is the
 
 The threshold weighs one collective call per operand against copying the leaf
 in and out of the shared buffer. Measured on CPU (``benchmarks/bench_sync.py``):
-a call costs ~0.15 ms in one process with 8 devices (whose copies share the
-host's cores) and ~0.3-0.5 ms over gloo between processes (one device each),
+a call costs ~0.2 ms in one process with 8 devices (whose copies share the
+host's cores) and ~0.35 ms over gloo between processes (one device each),
 so small leaves are raveled below 64 KiB in one process and below 1 MiB
 across processes.
 """
