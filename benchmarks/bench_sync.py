@@ -6,6 +6,8 @@ Methods: ``pmean`` (plain ``lax.pmean``), ``sync_auto`` / ``sync_ravel`` / ``syn
 
 Single process (8 fake CPU devices by default):
     python benchmarks/bench_sync.py --trees resnet50 tiny_161x4k
+Every hook (``--methods all``), on every GPU of this machine instead of CPU devices:
+    python benchmarks/bench_sync.py --platform gpu --methods all --trees resnet50
 Several processes, one CPU device each, gloo collectives over localhost:
     python benchmarks/bench_sync.py --processes 2 --trees resnet50 tiny_161x4k
 
@@ -28,6 +30,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["pmean", "sync_auto", "sync_ravel", "sync_variadic"]
+# Every hook that runs on a 1-D mesh, compressing from the first step (start_iter=0: the
+# benchmark always passes the init state). hierarchical() needs a 2-D mesh: see
+# tests/test_hierarchical.py.
+HOOKS = [
+    "allreduce()", "noop()", "fp16_compress()", "bf16_compress()",
+    "allgather_then_aggregate()", "quantize_per_tensor()", "quantize_per_channel()",
+    "int8_allreduce()", "powersgd(rank=1, start_iter=0)", "powersgd(rank=4, start_iter=0)",
+    "batched_powersgd(rank=4, start_iter=0)",
+    "fp16_compress_wrapper(powersgd(rank=4, start_iter=0))", "topk(0.01)", "sign_compress()",
+    "error_feedback(fp16_compress())", "adasum()",
+]
+ALIASES = {"all": METHODS + [f"hook:{h}" for h in HOOKS],
+           "hooks": ["pmean", "sync_auto"] + [f"hook:{h}" for h in HOOKS]}
+
+
+def expand(methods):
+  """``all`` / ``hooks`` -> the method names they stand for."""
+  out = []
+  for m in methods:
+    out.extend(ALIASES.get(m, [m]))
+  return list(dict.fromkeys(out))
 
 
 def parse_args(argv=None):
@@ -35,8 +58,12 @@ def parse_args(argv=None):
   p.add_argument("--trees", nargs="+", default=["resnet50", "tiny_161x4k"])
   p.add_argument("--methods", nargs="+", default=METHODS)
   p.add_argument("--devices", type=int, default=8, help="CPU devices (single process)")
+  p.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
+                 help="gpu: one process over every GPU here (hook compute cost on a GPU)")
   p.add_argument("--processes", type=int, default=1)
   p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--inner", type=int, default=1,
+                 help="syncs chained in one jitted loop per timed call (GPU: hides dispatch)")
   p.add_argument("--out", default=str(HERE / "out"))
   p.add_argument("--bandwidth-gbit", type=float, default=None,
                  help="the link's rate: adds the ring lower bound per method")
@@ -46,7 +73,7 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def make_step(method, mesh, axis="data"):
+def make_step(method, mesh, axis="data", inner=1):
   import jax
   from jax import lax
   from jax.sharding import PartitionSpec as P
@@ -66,9 +93,16 @@ def make_step(method, mesh, axis="data"):
       return tx.update(g, tx.init(g))[0]
 
   def local(g):
-    return sync(jax.tree.map(lambda x: x[0], g))
+    # Each replica returns its own result (noop() and local-SGD hooks are not replicated).
+    g = jax.tree.map(lambda x: x[0], g)
+    if inner > 1:  # chained syncs in one program: device time without dispatch overhead
+      from ddp_jax.hooks._base import as_varying
+      g = jax.lax.fori_loop(0, inner, lambda i, c: as_varying(sync(c), axis), g)
+    else:
+      g = sync(g)
+    return jax.tree.map(lambda x: x[None], g)
 
-  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P()))
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
 
 
 def global_grads(tree, mesh, axis="data"):
@@ -112,7 +146,21 @@ def stated_bytes(method, tree, world):
   return sum(c.bytes for c in ddp_jax.hooks.wire_bytes(hook, plan, world))
 
 
-def measure(method, tree_name, mesh, repeats):
+def free_bytes(device) -> int | None:
+  """Memory the next allocation can still get: the GPU's allocator, else MemAvailable."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  try:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def measure(method, tree_name, mesh, repeats, inner=1):
   import jax
   import numpy as np
   import trees
@@ -121,13 +169,20 @@ def measure(method, tree_name, mesh, repeats):
 
   tree = trees.TREES[tree_name]()
   g = global_grads(tree, mesh)
-  step = make_step(method, mesh)
+  step = make_step(method, mesh, inner=inner)
   t0 = time.perf_counter()
   lowered = step.lower(g)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   report = collectives(step, g)
   mem = compiled.memory_analysis()
+  local_n = len(mesh.local_devices)
+  need = local_n * (mem.output_size_in_bytes + mem.temp_size_in_bytes) if mem else 0
+  have = free_bytes(mesh.local_devices[0])
+  if have is not None and need > 0.8 * have:
+    return {"tree": tree_name, "method": method, "compile_s": compile_s,
+            "skipped": f"needs {need / 2**30:.1f} GiB for outputs and temporaries "
+                       f"({local_n} replicas in this process), {have / 2**30:.1f} GiB free"}
   for _ in range(2):
     jax.block_until_ready(compiled(g))
   times = []
@@ -135,7 +190,7 @@ def measure(method, tree_name, mesh, repeats):
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(compiled(g))
-    times.append(time.perf_counter() - t)
+    times.append((time.perf_counter() - t) / inner)
   lo_bytes = (_lo_tx_bytes() - lo0) / repeats
   low = report.lowered.get("all-reduce")
   comp = report.compiled.get("all-reduce")
@@ -159,8 +214,11 @@ def add_bounds(results, args, world):
   if not args.bandwidth_gbit:
     return
   rate = args.bandwidth_gbit * 1e9 / 8
-  base = {r["tree"]: r for r in results if r["method"] in ("hook:allreduce()", "pmean")}
+  base = {r["tree"]: r for r in results if r["method"] in ("hook:allreduce()", "pmean")
+          and "skipped" not in r}
   for r in results:
+    if "skipped" in r:
+      continue
     r["bound_s"] = world * r["stated_bytes_per_replica"] / rate
     r["ratio_to_bound"] = r["median_s"] / r["bound_s"] if r["bound_s"] else float("nan")
     if r["tree"] in base:
@@ -172,16 +230,18 @@ def run_all(args, mesh):
   results = []
   for tree_name in args.trees:
     for method in args.methods:
-      r = measure(method, tree_name, mesh, args.repeats)
+      r = measure(method, tree_name, mesh, args.repeats, args.inner)
       results.append(r)
-      if jax.process_index() == 0:
+      if jax.process_index() == 0 and "skipped" in r:
+        print(f"{tree_name:16} {method:14} skipped: {r['skipped']}", flush=True)
+      elif jax.process_index() == 0:
         print(f"{tree_name:16} {method:14} {r['median_s'] * 1e3:9.2f} ms  "
               f"compile {r['compile_s']:.2f} s  ops {r['lowered_allreduce_ops']}->"
               f"{r['compiled_allreduce_ops']} ({r['compiled_allreduce_operands']} operands)",
               flush=True)
-  base = {r["tree"]: r for r in results if r["method"] == "pmean"}
+  base = {r["tree"]: r for r in results if r["method"] == "pmean" and "skipped" not in r}
   for r in results:
-    if r["tree"] in base:
+    if r["tree"] in base and "skipped" not in r:
       r["ratio_to_pmean"] = r["median_s"] / base[r["tree"]]["median_s"]
       r["compile_ratio_to_pmean"] = r["compile_s"] / base[r["tree"]]["compile_s"]
   add_bounds(results, args, mesh.size)
@@ -193,6 +253,9 @@ def bound_table(results, title):
            "| tree | method | median s | stated MiB/replica | loopback MiB/sync | bound s | "
            "/ bound | speed-up vs f32 |", "|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in results:
+    if "skipped" in r:
+      lines.append(f"| {r['tree']} | {r['method']} | skipped: {r['skipped']} |||||||")
+      continue
     lines.append(
         f"| {r['tree']} | {r['method']} | {r['median_s']:.3f} | "
         f"{r['stated_bytes_per_replica'] / 2**20:.2f} | "
@@ -209,6 +272,9 @@ def table(results, title):
            "lowered -> compiled (operands) | temp MiB |",
            "|---|---|---:|---:|---:|---:|---|---:|"]
   for r in results:
+    if "skipped" in r:
+      lines.append(f"| {r['tree']} | {r['method']} | skipped: {r['skipped']} ||||||")
+      continue
     temp = r["temp_bytes"] / 2**20 if r["temp_bytes"] is not None else float("nan")
     lines.append(
         f"| {r['tree']} | {r['method']} | {r['median_s'] * 1e3:.2f} | "
@@ -237,6 +303,7 @@ def plot(results, title, path):
     import matplotlib.pyplot as plt
   except ImportError:
     return
+  results = [r for r in results if "skipped" not in r]
   trees = list(dict.fromkeys(r["tree"] for r in results))
   methods = list(dict.fromkeys(r["method"] for r in results))
   fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(trees) * len(methods) / 2), 4))
@@ -259,13 +326,20 @@ def plot(results, title, path):
 
 
 def single_process(args):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={args.devices}")
+  if args.platform == "gpu":
+    os.environ["JAX_PLATFORMS"] = "cuda"
+  else:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.devices}")
   import jax
-  mesh = jax.make_mesh((args.devices,), ("data",))
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
   results = run_all(args, mesh)
-  write(results, args, f"1 process, {args.devices} CPU devices (jax {jax.__version__})",
-        f"sync_1proc_{args.devices}dev{args.tag}")
+  kind = devices[0].device_kind if args.platform == "gpu" else "CPU device"
+  stem = (f"sync_gpu_{len(devices)}dev" if args.platform == "gpu"
+          else f"sync_1proc_{len(devices)}dev")
+  write(results, args, f"1 process, {len(devices)} x {kind} (jax {jax.__version__})",
+        stem + args.tag)
 
 
 def worker(args):
@@ -301,6 +375,7 @@ def launch(args, argv):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
+  args.methods = expand(args.methods)
   sys.path.insert(0, str(HERE))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if args.worker is not None:
