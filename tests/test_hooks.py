@@ -228,12 +228,14 @@ def test_powersgd_error_feedback_conserves(mesh8):
   np.testing.assert_allclose(applied + residual, true, atol=2e-3)
 
 
-def test_powersgd_batched_by_shape_same_result(mesh8):
-  params = {f"l{i}": jnp.zeros((32, 24)) for i in range(3)}
+@pytest.mark.parametrize("rank", [2, 4])  # Gram-Schmidt, QR
+def test_powersgd_batched_by_shape_same_result(mesh8, rank):
+  # rank 4 once hung here: a batched LAPACK QR on the 8-device CPU mesh.
+  params = {f"l{i}": jnp.zeros((256, 128)) for i in range(4)}
   g = per_device_grads(params, 8, seed=4)
   outs = []
   for batch in (False, True):
-    hook = hooks.powersgd(rank=2, start_iter=0, batch_tensors_with_same_shape=batch)
+    hook = hooks.powersgd(rank=rank, start_iter=0, batch_tensors_with_same_shape=batch)
     u, _ = run_shard_map(ddp_jax.sync_gradients("data", hook=hook), g, mesh8, steps=3)
     outs.append(u)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *outs)
@@ -482,3 +484,29 @@ def test_lossy_hooks_reject_complex_buckets(name):
   g = {"z": jnp.ones((2, 4), jnp.complex64)}
   with pytest.raises(ValueError, match=r"bucket 0 \(\['z'\] ...\) holds complex64 gradients"):
     jax.vmap(lambda g: tx.update(g, tx.init(g)), axis_name="i")(g)
+
+
+def test_powersgd_rank4_batched_on_resnet50_shapes_finishes():
+  """Regression: with batched Qs, one batched LAPACK QR per shape hung forever on the
+  8-device CPU mesh (ResNet-50 shapes). Run apart, so a hang fails instead of stalling."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parent.parent
+  code = (
+      "import sys; sys.path.insert(0, 'benchmarks'); import jax, trees, bench_sync\n"
+      "mesh = jax.make_mesh((8,), ('data',))\n"
+      "g = bench_sync.global_grads(trees.resnet50(), mesh)\n"
+      "m = 'hook:powersgd(rank=4, start_iter=0, batch_tensors_with_same_shape=True)'\n"
+      "out = jax.block_until_ready(bench_sync.make_step(m, mesh)(g))\n"
+      "print('finished', len(jax.tree.leaves(out)))\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, text=True,
+                          capture_output=True, timeout=180)
+  except subprocess.TimeoutExpired:
+    pytest.fail("powersgd(rank=4, batched) did not finish within 180 s on 8 CPU devices")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "finished 161" in proc.stdout

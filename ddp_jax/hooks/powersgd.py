@@ -61,7 +61,11 @@ def orthogonalize(matrices, epsilon: float = 0.0):
     return orthogonalize(matrices.astype(jnp.float32), epsilon).astype(matrices.dtype)
   rank = matrices.shape[2]
   if rank > 2:
-    return jnp.linalg.qr(matrices)[0]
+    if matrices.shape[0] == 1:
+      return jnp.linalg.qr(matrices)[0]
+    # One QR at a time: a batched LAPACK QR on a multi-device CPU mesh can wait forever
+    # for a thread pool that every other device's all-reduce holds.
+    return lax.map(lambda m: jnp.linalg.qr(m)[0], matrices)
   cols = [matrices[:, :, i] for i in range(rank)]
   for i in range(rank):
     for k in range(i):  # the second projection
