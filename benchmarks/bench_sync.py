@@ -7,7 +7,8 @@ Methods: ``pmean`` (plain ``lax.pmean``), ``sync_auto`` / ``sync_ravel`` / ``syn
 Single process (8 fake CPU devices by default):
     python benchmarks/bench_sync.py --trees resnet50 tiny_161x4k
 Every hook (``--methods all``), on every GPU of this machine instead of CPU devices:
-    python benchmarks/bench_sync.py --platform gpu --methods all --trees resnet50
+    python benchmarks/bench_sync.py --platform gpu --methods hooks --inner 20 --trees resnet50
+(``--inner 20`` chains 20 syncs in one jitted loop: device time, not Python dispatch.)
 Several processes, one CPU device each, gloo collectives over localhost:
     python benchmarks/bench_sync.py --processes 2 --trees resnet50 tiny_161x4k
 
