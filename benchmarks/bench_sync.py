@@ -226,17 +226,25 @@ def add_bounds(results, args, world):
       r["speedup_vs_f32"] = base[r["tree"]]["median_s"] / r["median_s"]
 
 
-def run_all(args, mesh):
+def run_all(args, mesh, stem):
+  """Measures every (tree, method); rows so far go to ``{stem}.partial.json`` as they come."""
   import jax
   results = []
+  partial = Path(args.out) / f"{stem}.partial.json"
+  partial.parent.mkdir(parents=True, exist_ok=True)
+  total, start = len(args.trees) * len(args.methods), time.perf_counter()
   for tree_name in args.trees:
     for method in args.methods:
       r = measure(method, tree_name, mesh, args.repeats, args.inner)
       results.append(r)
-      if jax.process_index() == 0 and "skipped" in r:
-        print(f"{tree_name:16} {method:14} skipped: {r['skipped']}", flush=True)
-      elif jax.process_index() == 0:
-        print(f"{tree_name:16} {method:14} {r['median_s'] * 1e3:9.2f} ms  "
+      if jax.process_index() != 0:
+        continue
+      partial.write_text(json.dumps(results, indent=1))
+      done = f"[{len(results)}/{total} {time.perf_counter() - start:5.0f} s]"
+      if "skipped" in r:
+        print(f"{done} {tree_name:16} {method:14} skipped: {r['skipped']}", flush=True)
+      else:
+        print(f"{done} {tree_name:16} {method:14} {r['median_s'] * 1e3:9.2f} ms  "
               f"compile {r['compile_s']:.2f} s  ops {r['lowered_allreduce_ops']}->"
               f"{r['compiled_allreduce_ops']} ({r['compiled_allreduce_operands']} operands)",
               flush=True)
@@ -290,6 +298,7 @@ def write(results, args, title, stem):
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+  (out / f"{stem}.partial.json").unlink(missing_ok=True)
   md = table(results, title)
   (out / f"{stem}.md").write_text(md)
   print(md)
@@ -335,12 +344,11 @@ def single_process(args):
   import jax
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
-  results = run_all(args, mesh)
   kind = devices[0].device_kind if args.platform == "gpu" else "CPU device"
   stem = (f"sync_gpu_{len(devices)}dev" if args.platform == "gpu"
-          else f"sync_1proc_{len(devices)}dev")
-  write(results, args, f"1 process, {len(devices)} x {kind} (jax {jax.__version__})",
-        stem + args.tag)
+          else f"sync_1proc_{len(devices)}dev") + args.tag
+  results = run_all(args, mesh, stem)
+  write(results, args, f"1 process, {len(devices)} x {kind} (jax {jax.__version__})", stem)
 
 
 def worker(args):
@@ -349,11 +357,12 @@ def worker(args):
   jax.distributed.initialize(f"127.0.0.1:{args.port}", args.processes, args.worker,
                              initialization_timeout=120)
   mesh = jax.make_mesh((args.processes,), ("data",))
-  results = run_all(args, mesh)
+  stem = f"sync_{args.processes}proc_gloo{args.tag}"
+  results = run_all(args, mesh, stem)
   if args.worker == 0:
     link = f", {args.bandwidth_gbit:g} Gbit/s link" if args.bandwidth_gbit else ""
     write(results, args, f"{args.processes} processes x 1 CPU device, gloo{link} "
-          f"(jax {jax.__version__})", f"sync_{args.processes}proc_gloo{args.tag}")
+          f"(jax {jax.__version__})", stem)
   jax.distributed.shutdown()
 
 
