@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ddp_jax.hooks._base import (
@@ -16,6 +18,7 @@ from ddp_jax.hooks._base import (
   divide,
   no_quality,
   quality,
+  segment_ids,
 )
 
 
@@ -69,32 +72,49 @@ def topk(ratio: float) -> CommHook:
   return CommHook(_residual_state, update_fn, wire_fn)
 
 
+def signed_scale_sum(bits, scales, ids, size):
+  """``sum_r scales[r, ids] * (2 bit_r - 1)`` over replicas ``r``: the scaled signs that
+  ``bits`` (``(N, ceil(size / 8))`` uint8, packed) and ``scales`` (``(N, leaves)``) carry,
+  summed per element. Eight replicas at a time share one lookup: their sign bits form a
+  byte that indexes a ``(leaves, 256)`` table of every signed sum of their scales.
+  """
+  total = jnp.zeros((size,), jnp.float32)
+  for first in range(0, bits.shape[0], 8):
+    group = range(first, min(first + 8, bits.shape[0]))
+    code = jnp.zeros((size,), jnp.int32)
+    pattern = np.arange(2 ** len(group))
+    table = jnp.zeros((scales.shape[1], len(pattern)), jnp.float32)
+    for j, r in enumerate(group):
+      code = code | (jnp.unpackbits(bits[r], count=size).astype(jnp.int32) << j)
+      sign = jnp.asarray(((pattern >> j) & 1) * 2 - 1, jnp.float32)
+      table = table + scales[r][:, None] * sign[None, :]
+    total = total + table.reshape(-1)[ids * len(pattern) + code]
+  return total
+
+
 def sign_compress() -> CommHook:
   """1-bit sign compression with error feedback (EF-signSGD, 1-bit Adam style): each
   replica sends its corrected bucket's signs packed 8 per byte and one scale per leaf (the
   leaf's mean absolute value: a bucket mixes kernels and biases of very different sizes);
   the mean of ``scale_r x sign_r`` comes back.
-  """
 
-  def per_leaf(values, spec):
-    """Expands one value per leaf to the bucket's layout (static segments)."""
-    return jnp.concatenate([jnp.full((n,), values[i]) for i, n in enumerate(spec.lengths)])
+  Examples:
+    >>> hook = sign_compress()
+  """
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "sign_compress")
     corrected = _corrected(bucket, state, ctx)
-    mags = jnp.abs(corrected.astype(jnp.float32))
-    scales = jnp.stack([jnp.mean(lax.slice_in_dim(mags, o, o + n))
-                        for o, n in zip(bucket.offsets, bucket.lengths)])
+    ids = segment_ids(bucket.spec)
+    sums = jax.ops.segment_sum(jnp.abs(corrected.astype(jnp.float32)), ids,
+                               len(bucket.lengths), indices_are_sorted=True)
+    scales = sums / jnp.asarray(bucket.lengths, jnp.float32)
     positive = corrected >= 0
-    local_scale = per_leaf(scales, bucket.spec)
+    local_scale = scales[ids]
     local = jnp.where(positive, local_scale, -local_scale).astype(corrected.dtype)
     bits = all_gather(jnp.packbits(positive), ctx.axis_name)
     all_scales = all_gather(scales, ctx.axis_name)  # (N, leaves)
-    total = jnp.zeros(corrected.shape, jnp.float32)
-    for r in range(bits.shape[0]):
-      signs = jnp.unpackbits(bits[r], count=bucket.size).astype(jnp.float32) * 2 - 1
-      total = total + per_leaf(all_scales[r], bucket.spec) * signs
+    total = signed_scale_sum(bits, all_scales, ids, bucket.size)
     residual = _keep_if_idle(corrected - local, state, ctx)
     return divide(total, ctx.divisor).astype(bucket.dtype), {
         "residual": residual, **quality(corrected, corrected - local)}
