@@ -371,13 +371,23 @@ def test_sign_compress_first_step_matches_per_leaf_reference(mesh8):
 
 
 @pytest.mark.parametrize("lengths", [[1], [3, 1, 7], [1] * 300, [64, 1, 1, 50000, 2, 9000],
-                                     [4096] * 20 + [1] * 40 + [100000]])
-def test_segment_ids_match_repeat(lengths):
-  from ddp_jax.hooks._base import segment_ids
+                                     [4096] * 20 + [1] * 40 + [100000],
+                                     [2_000_000] + [1] * 200])  # the slicing fallback
+def test_segment_helpers_match_numpy(lengths):
+  from ddp_jax.hooks._base import segment_ids, segment_spread, segment_sum
   tree = {f"l{i:03d}": jnp.zeros((n,)) for i, n in enumerate(lengths)}
+  rng = np.random.default_rng(len(lengths))
   for spec in ddp_jax.plan_buckets(tree, bucket_cap_mb=100, first_bucket_cap_mb=100).buckets:
     want = np.repeat(np.arange(len(spec.lengths)), spec.lengths)
-    np.testing.assert_array_equal(jax.jit(lambda: segment_ids(spec))(), want)
+    np.testing.assert_array_equal(jax.jit(segment_ids, static_argnums=0)(spec), want)
+    x = rng.standard_normal((spec.size, 2)).astype(np.float32)
+    sums = np.zeros((len(spec.lengths), 2))
+    np.add.at(sums, want, x)
+    got = jax.jit(segment_sum, static_argnums=1)(x, spec)
+    np.testing.assert_allclose(got, sums, rtol=1e-4, atol=1e-3 * np.sqrt(spec.size))
+    values = rng.standard_normal(len(spec.lengths)).astype(np.float32)
+    spread = jax.jit(segment_spread, static_argnums=1)(values, spec)
+    np.testing.assert_array_equal(spread, values[want])
 
 
 @pytest.mark.parametrize("n", [3, 8, 11, 17])

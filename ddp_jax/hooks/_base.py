@@ -167,14 +167,61 @@ class GradBucket:
             f"leaves={len(self.leaves)}, size={self.size})")
 
 
-def segment_ids(spec: BucketSpec) -> jax.Array:
-  """The leaf index of every element of the bucket's flat layout (int32, ``spec.size``).
+# Beyond this many leaf ends in one chunk (thousands of tiny leaves packed among large
+# ones), the per-leaf helpers below slice leaf by leaf instead: exact, slower to compile.
+_MAX_WIDTH = 16
 
-  For per-leaf statistics of a raveled bucket (``jax.ops.segment_sum``) and per-leaf values
-  spread back over it (``values[ids]``) in a constant number of ops: slicing each leaf out
-  costs XLA:CPU one kernel per leaf (seconds of compile time on a few hundred leaves).
-  Built from two small constant tables over chunks of the buffer: the leaf at each
-  chunk's start plus the leaf ends that fall inside the chunk.
+
+class _Chunks(NamedTuple):
+  """Where the leaves of a raveled bucket start and end, per fixed-size chunk."""
+  size: int  # elements per chunk
+  first: np.ndarray  # (chunks,) the leaf at each chunk's start
+  inner: np.ndarray  # (chunks, width) leaf ends inside each chunk, padded with int32 max
+
+
+@functools.lru_cache(maxsize=256)
+def _chunks(lengths: tuple[int, ...]) -> _Chunks:
+  """The chunk size (a power of two) with the fewest leaf ends inside any one chunk among
+  those whose tables hold at most 2**20 entries (ties: the larger chunk); the smallest
+  tables where none does (many tiny leaves packed among large ones)."""
+  ends = np.cumsum(lengths)[:-1]  # where leaf i + 1 starts
+  size = int(sum(lengths))
+  options = []
+  for k in range(max(1, size).bit_length(), -1, -1):
+    chunk = 1 << k
+    starts = np.arange(0, size, chunk)
+    first = np.searchsorted(ends, starts, side="right")
+    last = np.searchsorted(ends, starts + chunk, side="left")
+    width = int((last - first).max(initial=0))
+    options.append((len(starts) * (width + 1), width, chunk, first, last))
+    if width == 0:
+      break
+  fits = [o for o in options if o[0] <= 1 << 20]
+  best = min(fits, key=lambda o: o[1]) if fits else min(options, key=lambda o: o[0])
+  _, width, chunk, first, last = best
+  inner = np.full((len(first), width), np.iinfo(np.int32).max, np.int32)
+  for j in range(width):  # j-th leaf end inside each chunk
+    has = first + j < last
+    inner[has, j] = ends[first[has] + j]
+  return _Chunks(chunk, first.astype(np.int32), inner)
+
+
+def _local_ids(t: _Chunks, n: int) -> tuple[jax.Array, jax.Array]:
+  """Per element of ``n`` (chunk index, leaf index minus the chunk's first leaf)."""
+  pos = jax.lax.iota(jnp.int32, n)
+  c = pos // t.size
+  if not t.inner.shape[1]:
+    return c, jnp.zeros((n,), jnp.int32)
+  return c, jnp.sum(pos[:, None] >= jnp.asarray(t.inner)[c], axis=1, dtype=jnp.int32)
+
+
+def segment_ids(spec: BucketSpec) -> jax.Array:
+  """The leaf index of every element of the bucket's flat layout (int32, ``spec.size``),
+  to spread per-leaf values over a raveled bucket (``values[ids]``).
+
+  A constant number of ops for any number of leaves (slicing each leaf out costs XLA:CPU
+  one kernel per leaf: seconds of compile time on a few hundred leaves), from two small
+  tables over chunks of the buffer: the leaf at each chunk's start, the leaf ends inside it.
 
   Examples:
     >>> from ddp_jax import plan_buckets
@@ -182,23 +229,69 @@ def segment_ids(spec: BucketSpec) -> jax.Array:
     >>> spec.lengths, segment_ids(spec).tolist()  # DDP order: the last leaf ("b") first
     ((2, 3), [0, 0, 1, 1, 1])
   """
-  ends = np.cumsum(spec.lengths)[:-1]  # where leaf i + 1 starts
-  size = spec.size
-  chunk = 1 << max(0, (size // 4096).bit_length() - 1)  # at most ~8k chunks
-  starts = np.arange(0, size, chunk)
-  first = np.searchsorted(ends, starts, side="right")  # leaf at each chunk's start
-  last = np.searchsorted(ends, starts + chunk, side="left")  # ends before the next chunk
-  width = int((last - first).max(initial=0))
-  inner = np.full((len(starts), max(width, 1)), np.iinfo(np.int32).max, np.int32)
-  for j in range(width):  # j-th leaf end inside each chunk (padding never reached)
-    has = first + j < last
-    inner[has, j] = ends[first[has] + j]
-  pos = jax.lax.iota(jnp.int32, size)
-  c = pos // chunk
-  ids = jnp.asarray(first.astype(np.int32))[c]
+  t = _chunks(spec.lengths)
+  if t.inner.shape[1] > _MAX_WIDTH:
+    return jnp.concatenate([jnp.full((n,), i, jnp.int32) for i, n in enumerate(spec.lengths)])
+  c, local = _local_ids(t, spec.size)
+  return jnp.asarray(t.first)[c] + local
+
+
+def segment_spread(values: jax.Array, spec: BucketSpec) -> jax.Array:
+  """One value per leaf spread over the bucket's flat layout: ``values`` is
+  ``(num_leaves,)``, the result ``(spec.size,)`` (``values[segment_ids(spec)]`` without a
+  per-element gather: chunks broadcast their leaves' values).
+
+  Examples:
+    >>> from ddp_jax import plan_buckets
+    >>> spec = plan_buckets({"a": jnp.zeros(3), "b": jnp.zeros(2)}).buckets[0]
+    >>> segment_spread(jnp.array([1.0, 2.0]), spec).tolist()
+    [1.0, 1.0, 2.0, 2.0, 2.0]
+  """
+  t = _chunks(spec.lengths)
+  chunks, width = len(t.first), t.inner.shape[1]
+  if width > _MAX_WIDTH:
+    return values[segment_ids(spec)]
+  leaf = np.minimum(t.first[:, None] + np.arange(width + 1), len(spec.lengths) - 1)
+  per_chunk = values[jnp.asarray(leaf)]  # (chunks, width + 1)
+  out = jnp.broadcast_to(per_chunk[:, :1], (chunks, t.size))
   if width:
-    ids = ids + jnp.sum(pos[:, None] >= jnp.asarray(inner)[c], axis=1, dtype=jnp.int32)
-  return ids
+    _, local = _local_ids(t, chunks * t.size)
+    local = local.reshape(chunks, t.size)
+    for j in range(1, width + 1):
+      out = jnp.where(local == j, per_chunk[:, j:j + 1], out)
+  return out.reshape(-1)[:spec.size]
+
+
+def segment_sum(x: jax.Array, spec: BucketSpec) -> jax.Array:
+  """Per-leaf sums of a raveled bucket: ``x`` is ``(spec.size, ...)``, the result
+  ``(num_leaves, ...)``, in ``x``'s dtype.
+
+  Dense reductions over chunks (one masked sum per leaf end a chunk can hold) and a scatter
+  of the few per-chunk partial sums: no per-element scatter, no per-leaf slice.
+
+  Examples:
+    >>> from ddp_jax import plan_buckets
+    >>> spec = plan_buckets({"a": jnp.zeros(3), "b": jnp.zeros(2)}).buckets[0]
+    >>> segment_sum(jnp.arange(5.0), spec).tolist()
+    [1.0, 9.0]
+  """
+  t = _chunks(spec.lengths)
+  chunks, width = len(t.first), t.inner.shape[1]
+  if width > _MAX_WIDTH:
+    return jnp.stack([jnp.sum(jax.lax.slice_in_dim(x, o, o + n), axis=0)
+                      for o, n in zip(spec.offsets, spec.lengths)])
+  padded = jnp.pad(x, [(0, chunks * t.size - spec.size)] + [(0, 0)] * (x.ndim - 1))
+  blocks = padded.reshape(chunks, t.size, *x.shape[1:])
+  if width:
+    _, local = _local_ids(t, chunks * t.size)
+    local = local.reshape(chunks, t.size, *(1,) * (x.ndim - 1))
+    parts = jnp.stack([jnp.sum(jnp.where(local == j, blocks, 0), axis=1)
+                       for j in range(width + 1)], axis=1)
+  else:
+    parts = jnp.sum(blocks, axis=1)[:, None]
+  leaf = np.minimum(t.first[:, None] + np.arange(width + 1), len(spec.lengths) - 1)
+  return jax.ops.segment_sum(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf.reshape(-1)),
+                             len(spec.lengths), indices_are_sorted=True)
 
 
 def to_leaves(reduced, bucket: GradBucket) -> tuple:

@@ -7,17 +7,24 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, allreduce_bytes, check_real
+from ddp_jax.hooks._base import (
+  CommHook,
+  WireCost,
+  allreduce_bytes,
+  check_real,
+  segment_spread,
+  segment_sum,
+)
 
 
-def _pair(a, b):
-  """Adasum of two gradients, per leaf: ``(1 - a.b/2|a|^2) a + (1 - a.b/2|b|^2) b``."""
-  dot = jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32))
-  na = jnp.sum(jnp.square(a.astype(jnp.float32)))
-  nb = jnp.sum(jnp.square(b.astype(jnp.float32)))
+def _pair(a, b, spec):
+  """Adasum of two raveled buckets, per leaf: ``(1 - a.b/2|a|^2) a + (1 - a.b/2|b|^2) b``.
+  The per-leaf dot products and norms come from one pass over the bucket."""
+  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+  dot, na, nb = (segment_sum(x, spec) for x in (a32 * b32, a32 * a32, b32 * b32))
   ca = jnp.where(na > 0, 1 - dot / (2 * jnp.where(na > 0, na, 1)), 1.0)
   cb = jnp.where(nb > 0, 1 - dot / (2 * jnp.where(nb > 0, nb, 1)), 1.0)
-  return (ca * a.astype(jnp.float32) + cb * b.astype(jnp.float32)).astype(a.dtype)
+  return (segment_spread(ca, spec) * a32 + segment_spread(cb, spec) * b32).astype(a.dtype)
 
 
 def adasum(replicated_output: bool = True) -> CommHook:
@@ -46,20 +53,18 @@ def adasum(replicated_output: bool = True) -> CommHook:
     if n & (n - 1):
       raise ValueError(f"adasum: the axis {ctx.axis_name!r} has {n} replicas; Adasum's "
                        "recursive doubling needs a power of two.")
-    leaves = bucket.leaves  # an idle replica's bucket is already zeros
+    flat = bucket.buffer()  # an idle replica's bucket is already zeros
     d = 1
     while d < n:
-      perm = [(i, i ^ d) for i in range(n)]
-      other = lax.ppermute(leaves, ctx.axis_name, perm)
+      other = lax.ppermute(flat, ctx.axis_name, [(i, i ^ d) for i in range(n)])
       # Same operand order on both partners (lower index first): identical results.
       low = (lax.axis_index(ctx.axis_name) & d) == 0
-      leaves = tuple(jnp.where(low, _pair(a, b), _pair(b, a)) for a, b in zip(leaves, other))
+      flat = _pair(jnp.where(low, flat, other), jnp.where(low, other, flat), bucket.spec)
       d *= 2
     if replicated_output:
       first = lax.axis_index(ctx.axis_name) == 0
-      leaves = lax.psum(tuple(jnp.where(first, x, jnp.zeros_like(x)) for x in leaves),
-                        ctx.axis_name)
-    return leaves, state
+      flat = lax.psum(jnp.where(first, flat, jnp.zeros_like(flat)), ctx.axis_name)
+    return flat, state
 
   def wire_fn(spec, world):
     rounds = int(math.log2(world)) if world > 1 else 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -19,6 +18,8 @@ from ddp_jax.hooks._base import (
   no_quality,
   quality,
   segment_ids,
+  segment_spread,
+  segment_sum,
 )
 
 
@@ -106,11 +107,10 @@ def sign_compress() -> CommHook:
     check_real(bucket, "sign_compress")
     corrected = _corrected(bucket, state, ctx)
     ids = segment_ids(bucket.spec)
-    sums = jax.ops.segment_sum(jnp.abs(corrected.astype(jnp.float32)), ids,
-                               len(bucket.lengths), indices_are_sorted=True)
+    sums = segment_sum(jnp.abs(corrected.astype(jnp.float32)), bucket.spec)
     scales = sums / jnp.asarray(bucket.lengths, jnp.float32)
     positive = corrected >= 0
-    local_scale = scales[ids]
+    local_scale = segment_spread(scales, bucket.spec)
     local = jnp.where(positive, local_scale, -local_scale).astype(corrected.dtype)
     bits = all_gather(jnp.packbits(positive), ctx.axis_name)
     all_scales = all_gather(scales, ctx.axis_name)  # (N, leaves)
