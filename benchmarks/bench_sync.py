@@ -306,7 +306,8 @@ def write(results, args, title, stem):
 
 
 def plot(results, title, path):
-  """Bars: each method's median sync time per tree, relative to the first method's."""
+  """One panel per tree: each method's median sync time relative to the first method's
+  (log scale; skipped methods left blank)."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -316,23 +317,28 @@ def plot(results, title, path):
   results = [r for r in results if "skipped" not in r]
   trees = list(dict.fromkeys(r["tree"] for r in results))
   methods = list(dict.fromkeys(r["method"] for r in results))
-  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(trees) * len(methods) / 2), 4))
-  width = 0.8 / len(methods)
-  for k, m in enumerate(methods):
-    xs, ys = [], []
-    for i, t in enumerate(trees):
-      rows = [r for r in results if r["tree"] == t and r["method"] == m]
-      base = [r for r in results if r["tree"] == t and r["method"] == methods[0]]
-      if rows and base:
-        xs.append(i + k * width)
-        ys.append(rows[0]["median_s"] / base[0]["median_s"])
-    ax.bar(xs, ys, width, label=m)
-  ax.axhline(1.0, color="k", lw=0.8)
-  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(trees))], trees)
-  ax.set(ylabel=f"sync time / {methods[0]}", yscale="log", title=title)
-  ax.legend(fontsize=7)
+  if not trees:
+    return
+  fig, axes = plt.subplots(1, len(trees), figsize=(2.2 + 2.6 * len(trees), 1.2 + 0.28 * len(methods)),
+                           sharex=True, sharey=True, squeeze=False)
+  for ax, tree in zip(axes[0], trees):
+    rows = {r["method"]: r for r in results if r["tree"] == tree}
+    base = rows.get(methods[0])
+    ys = [rows[m]["median_s"] / base["median_s"] if base and m in rows else float("nan")
+          for m in methods]
+    ax.barh(range(len(methods)), ys, color=["tab:gray"] + ["tab:blue"] * (len(methods) - 1))
+    for i, y in enumerate(ys):
+      if y == y:
+        ax.text(y, i, f" {y:.2g}", va="center", fontsize=6)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", title=tree)
+    ax.tick_params(labelsize=7)
+  axes[0][0].set_yticks(range(len(methods)), [m.removeprefix("hook:")[:34] for m in methods])
+  axes[0][0].invert_yaxis()
+  fig.supxlabel(f"sync time / {methods[0]} (log; blank: skipped)", fontsize=9)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=100)
 
 
 def single_process(args):
