@@ -12,6 +12,9 @@ from ddp_jax.hooks._base import (
     allgather_bytes,
     allreduce_bytes,
     reduce_scatter_bytes,
+    segment_ids,
+    segment_spread,
+    segment_sum,
     wire_cost,
 )
 from ddp_jax.hooks.adasum import adasum
@@ -37,7 +40,8 @@ __all__ = [
     "allgather_then_aggregate", "allreduce", "allreduce_bytes", "batched_powersgd", "bf16_compress",
     "bf16_compress_wrapper", "compress_wrapper", "error_feedback", "fp16_compress",
     "fp16_compress_wrapper", "int8_allreduce", "noop", "powersgd", "quantize_per_channel",
-    "quantize_per_tensor", "reduce_scatter_bytes", "wire_bytes", "wire_cost", "parse",
+    "quantize_per_tensor", "reduce_scatter_bytes", "segment_ids", "segment_spread", "segment_sum",
+    "wire_bytes", "wire_cost", "parse",
 ]
 
 
