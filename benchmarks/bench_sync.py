@@ -69,6 +69,9 @@ def parse_args(argv=None):
   p.add_argument("--bandwidth-gbit", type=float, default=None,
                  help="the link's rate: adds the ring lower bound per method")
   p.add_argument("--tag", default="", help="suffix for the output file names")
+  p.add_argument("--paired", action="store_true",
+                 help="time pmean right before each call of every method and report the "
+                      "median of the per-pair ratios (machine drift cancels out)")
   p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
   p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -161,7 +164,7 @@ def free_bytes(device) -> int | None:
   return None
 
 
-def measure(method, tree_name, mesh, repeats, inner=1):
+def measure(method, tree_name, mesh, repeats, inner=1, paired=False):
   import jax
   import numpy as np
   import trees
@@ -184,15 +187,25 @@ def measure(method, tree_name, mesh, repeats, inner=1):
     return {"tree": tree_name, "method": method, "compile_s": compile_s,
             "skipped": f"needs {need / 2**30:.1f} GiB for outputs and temporaries "
                        f"({local_n} replicas in this process), {have / 2**30:.1f} GiB free"}
+  base = make_step("pmean", mesh, inner=inner).lower(g).compile() if paired else None
   for _ in range(2):
     jax.block_until_ready(compiled(g))
-  times = []
+    if base is not None:
+      jax.block_until_ready(base(g))
+  times, base_times = [], []
   lo0 = _lo_tx_bytes()
   for _ in range(repeats):
+    if base is not None:
+      t = time.perf_counter()
+      jax.block_until_ready(base(g))
+      base_times.append((time.perf_counter() - t) / inner)
     t = time.perf_counter()
     jax.block_until_ready(compiled(g))
     times.append((time.perf_counter() - t) / inner)
   lo_bytes = (_lo_tx_bytes() - lo0) / repeats
+  paired_fields = {} if base is None else {
+      "pmean_paired_median_s": statistics.median(base_times),
+      "paired_ratio_to_pmean": statistics.median(a / b for a, b in zip(times, base_times))}
   low = report.lowered.get("all-reduce")
   comp = report.compiled.get("all-reduce")
   nbytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
@@ -207,6 +220,7 @@ def measure(method, tree_name, mesh, repeats, inner=1):
       "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
       "stated_bytes_per_replica": stated_bytes(method, tree, mesh.size),
       "loopback_bytes_per_sync": lo_bytes,
+      **paired_fields,
   }
 
 
@@ -235,7 +249,8 @@ def run_all(args, mesh, stem):
   total, start = len(args.trees) * len(args.methods), time.perf_counter()
   for tree_name in args.trees:
     for method in args.methods:
-      r = measure(method, tree_name, mesh, args.repeats, args.inner)
+      r = measure(method, tree_name, mesh, args.repeats, args.inner,
+                  paired=getattr(args, "paired", False) and method != "pmean")
       results.append(r)
       if jax.process_index() != 0:
         continue
@@ -251,7 +266,8 @@ def run_all(args, mesh, stem):
   base = {r["tree"]: r for r in results if r["method"] == "pmean" and "skipped" not in r}
   for r in results:
     if r["tree"] in base and "skipped" not in r:
-      r["ratio_to_pmean"] = r["median_s"] / base[r["tree"]]["median_s"]
+      r["ratio_to_pmean"] = r.get("paired_ratio_to_pmean",
+                                  r["median_s"] / base[r["tree"]]["median_s"])
       r["compile_ratio_to_pmean"] = r["compile_s"] / base[r["tree"]]["compile_s"]
   add_bounds(results, args, mesh.size)
   return results
@@ -276,7 +292,9 @@ def bound_table(results, title):
 def table(results, title):
   if results and "bound_s" in results[0]:
     return bound_table(results, title)
-  lines = [f"### {title}", "",
+  paired = any("paired_ratio_to_pmean" in r for r in results)
+  lines = [f"### {title}", "", *(["/ pmean: median of per-call ratios, pmean timed right before "
+                                  "each call (--paired)", ""] if paired else []),
            "| tree | method | median ms | / pmean | compile s | / pmean | all-reduce ops "
            "lowered -> compiled (operands) | temp MiB |",
            "|---|---|---:|---:|---:|---:|---|---:|"]
