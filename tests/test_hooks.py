@@ -438,6 +438,22 @@ def test_adasum_rules():
     run_shard_map(tx, per_device_grads({"w": jnp.zeros(3)}, 6), mesh_of(6), steps=1)
 
 
+@pytest.mark.parametrize("pack", ["auto", "ravel", "variadic"])
+def test_adasum_is_per_leaf_in_every_pack_mode(mesh8, pack):
+  """Leaves raveled together (segment sums) and leaves sent alone both combine per leaf."""
+  tree = {"big": jnp.zeros((300, 400)), "k": jnp.zeros((7, 5)), "b": jnp.zeros((5,)),
+          "s": jnp.zeros(())}
+  g = per_device_grads(tree, 8, seed=11)
+  g["b"] = g["b"] * 100.0  # scales differ per leaf: a per-bucket rule would mix them
+  tx = ddp_jax.sync_gradients("data", hook=hooks.adasum(), pack=pack)
+  u, _ = run_shard_map(tx, g, mesh8, steps=1)
+  for k, x in g.items():
+    want = adasum_reference(list(np.asarray(x).reshape(8, -1)))
+    for row in np.asarray(u[k]).reshape(8, -1):
+      np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                                 err_msg=f"{pack} {k}")
+
+
 def test_post_local_sgd_and_periodic_average():
   """Nested vmap as a 2 x 4 ("node", "local") mesh."""
   hook = hooks.post_local_sgd(start_iter=1, local_axis="local")

@@ -181,23 +181,25 @@ class _Chunks(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _chunks(lengths: tuple[int, ...]) -> _Chunks:
-  """The chunk size (a power of two) with the fewest leaf ends inside any one chunk among
-  those whose tables hold at most 2**20 entries (ties: the larger chunk); the smallest
-  tables where none does (many tiny leaves packed among large ones)."""
+  """The chunk size (a power of two, at most 1/64 of the bucket: little padding) with the
+  fewest leaf ends inside any one chunk among those whose tables hold at most 2**20
+  entries (ties: one that divides the bucket, then the larger); the smallest tables where
+  none does."""
   ends = np.cumsum(lengths)[:-1]  # where leaf i + 1 starts
   size = int(sum(lengths))
   options = []
-  for k in range(max(1, size).bit_length(), -1, -1):
+  for k in range(max(1, size // 64).bit_length() - 1, -1, -1):
     chunk = 1 << k
     starts = np.arange(0, size, chunk)
     first = np.searchsorted(ends, starts, side="right")
     last = np.searchsorted(ends, starts + chunk, side="left")
     width = int((last - first).max(initial=0))
     options.append((len(starts) * (width + 1), width, chunk, first, last))
-    if width == 0:
+    if width == 0 and size % chunk == 0:
       break
-  fits = [o for o in options if o[0] <= 1 << 20]
-  best = min(fits, key=lambda o: o[1]) if fits else min(options, key=lambda o: o[0])
+  fits = [o for o in options if o[0] <= 1 << 20]  # then fewest ends, no padding, largest
+  best = (min(fits, key=lambda o: (o[1], size % o[2] != 0)) if fits
+          else min(options, key=lambda o: o[0]))
   _, width, chunk, first, last = best
   inner = np.full((len(first), width), np.iinfo(np.int32).max, np.int32)
   for j in range(width):  # j-th leaf end inside each chunk
@@ -206,18 +208,30 @@ def _chunks(lengths: tuple[int, ...]) -> _Chunks:
   return _Chunks(chunk, first.astype(np.int32), inner)
 
 
-def _local_ids(t: _Chunks, n: int) -> tuple[jax.Array, jax.Array]:
-  """Per element of ``n`` (chunk index, leaf index minus the chunk's first leaf)."""
-  pos = jax.lax.iota(jnp.int32, n)
-  c = pos // t.size
-  if not t.inner.shape[1]:
-    return c, jnp.zeros((n,), jnp.int32)
-  return c, jnp.sum(pos[:, None] >= jnp.asarray(t.inner)[c], axis=1, dtype=jnp.int32)
+def _blocked(t: _Chunks, x: jax.Array) -> jax.Array:
+  """``x`` (``(size, ...)``) zero-padded and reshaped to ``(chunks, chunk size, ...)``."""
+  padded = jnp.pad(x, [(0, len(t.first) * t.size - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return padded.reshape(len(t.first), t.size, *x.shape[1:])
+
+
+def _local_ids(t: _Chunks) -> jax.Array:
+  """``(chunks, chunk size)``: each element's leaf minus its chunk's first leaf (broadcast
+  compares against each chunk's own leaf ends: no per-element gather)."""
+  pos = jax.lax.broadcasted_iota(jnp.int32, (len(t.first), t.size), 0) * t.size
+  pos = pos + jax.lax.broadcasted_iota(jnp.int32, (len(t.first), t.size), 1)
+  local = jnp.zeros(pos.shape, jnp.int32)
+  for j in range(t.inner.shape[1]):
+    local = local + (pos >= jnp.asarray(t.inner[:, j:j + 1])).astype(jnp.int32)
+  return local
+
+
+def _leaf_of_slot(t: _Chunks, num_leaves: int) -> np.ndarray:
+  """``(chunks, width + 1)``: the leaf of each chunk's j-th slot (clipped past the end)."""
+  return np.minimum(t.first[:, None] + np.arange(t.inner.shape[1] + 1), num_leaves - 1)
 
 
 def segment_ids(spec: BucketSpec) -> jax.Array:
-  """The leaf index of every element of the bucket's flat layout (int32, ``spec.size``),
-  to spread per-leaf values over a raveled bucket (``values[ids]``).
+  """The leaf index of every element of the bucket's flat layout (int32, ``spec.size``).
 
   A constant number of ops for any number of leaves (slicing each leaf out costs XLA:CPU
   one kernel per leaf: seconds of compile time on a few hundred leaves), from two small
@@ -232,14 +246,14 @@ def segment_ids(spec: BucketSpec) -> jax.Array:
   t = _chunks(spec.lengths)
   if t.inner.shape[1] > _MAX_WIDTH:
     return jnp.concatenate([jnp.full((n,), i, jnp.int32) for i, n in enumerate(spec.lengths)])
-  c, local = _local_ids(t, spec.size)
-  return jnp.asarray(t.first)[c] + local
+  ids = jnp.asarray(t.first[:, None]) + _local_ids(t)
+  return ids.reshape(-1)[:spec.size]
 
 
 def segment_spread(values: jax.Array, spec: BucketSpec) -> jax.Array:
   """One value per leaf spread over the bucket's flat layout: ``values`` is
-  ``(num_leaves,)``, the result ``(spec.size,)`` (``values[segment_ids(spec)]`` without a
-  per-element gather: chunks broadcast their leaves' values).
+  ``(num_leaves,)``, the result ``(spec.size,)``, equal to ``values[segment_ids(spec)]``
+  without a per-element gather (each chunk broadcasts its few leaves' values).
 
   Examples:
     >>> from ddp_jax import plan_buckets
@@ -248,15 +262,13 @@ def segment_spread(values: jax.Array, spec: BucketSpec) -> jax.Array:
     [1.0, 1.0, 2.0, 2.0, 2.0]
   """
   t = _chunks(spec.lengths)
-  chunks, width = len(t.first), t.inner.shape[1]
+  width = t.inner.shape[1]
   if width > _MAX_WIDTH:
     return values[segment_ids(spec)]
-  leaf = np.minimum(t.first[:, None] + np.arange(width + 1), len(spec.lengths) - 1)
-  per_chunk = values[jnp.asarray(leaf)]  # (chunks, width + 1)
-  out = jnp.broadcast_to(per_chunk[:, :1], (chunks, t.size))
+  per_chunk = values[jnp.asarray(_leaf_of_slot(t, len(spec.lengths)))]  # (chunks, width + 1)
+  out = jnp.broadcast_to(per_chunk[:, :1], (len(t.first), t.size))
   if width:
-    _, local = _local_ids(t, chunks * t.size)
-    local = local.reshape(chunks, t.size)
+    local = _local_ids(t)
     for j in range(1, width + 1):
       out = jnp.where(local == j, per_chunk[:, j:j + 1], out)
   return out.reshape(-1)[:spec.size]
@@ -276,21 +288,19 @@ def segment_sum(x: jax.Array, spec: BucketSpec) -> jax.Array:
     [1.0, 9.0]
   """
   t = _chunks(spec.lengths)
-  chunks, width = len(t.first), t.inner.shape[1]
+  width = t.inner.shape[1]
   if width > _MAX_WIDTH:
     return jnp.stack([jnp.sum(jax.lax.slice_in_dim(x, o, o + n), axis=0)
                       for o, n in zip(spec.offsets, spec.lengths)])
-  padded = jnp.pad(x, [(0, chunks * t.size - spec.size)] + [(0, 0)] * (x.ndim - 1))
-  blocks = padded.reshape(chunks, t.size, *x.shape[1:])
+  blocks = _blocked(t, x)
   if width:
-    _, local = _local_ids(t, chunks * t.size)
-    local = local.reshape(chunks, t.size, *(1,) * (x.ndim - 1))
+    local = _local_ids(t).reshape(*blocks.shape[:2], *(1,) * (x.ndim - 1))
     parts = jnp.stack([jnp.sum(jnp.where(local == j, blocks, 0), axis=1)
                        for j in range(width + 1)], axis=1)
   else:
     parts = jnp.sum(blocks, axis=1)[:, None]
-  leaf = np.minimum(t.first[:, None] + np.arange(width + 1), len(spec.lengths) - 1)
-  return jax.ops.segment_sum(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf.reshape(-1)),
+  leaf = _leaf_of_slot(t, len(spec.lengths)).reshape(-1)
+  return jax.ops.segment_sum(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf),
                              len(spec.lengths), indices_are_sorted=True)
 
 
