@@ -69,6 +69,9 @@ def parse_args(argv=None):
   p.add_argument("--bandwidth-gbit", type=float, default=None,
                  help="the link's rate: adds the ring lower bound per method")
   p.add_argument("--tag", default="", help="suffix for the output file names")
+  p.add_argument("--update", action="store_true",
+                 help="merge into the existing output file: rows measured now replace the "
+                      "rows of the same tree and method, the others stay")
   p.add_argument("--paired", action="store_true",
                  help="time pmean right before each call of every method and report the "
                       "median of the per-pair ratios (machine drift cancels out)")
@@ -187,7 +190,10 @@ def measure(method, tree_name, mesh, repeats, inner=1, paired=False):
     return {"tree": tree_name, "method": method, "compile_s": compile_s,
             "skipped": f"needs {need / 2**30:.1f} GiB for outputs and temporaries "
                        f"({local_n} replicas in this process), {have / 2**30:.1f} GiB free"}
-  base = make_step("pmean", mesh, inner=inner).lower(g).compile() if paired else None
+  base, t0 = None, time.perf_counter()
+  if paired:
+    base = make_step("pmean", mesh, inner=inner).lower(g).compile()
+  base_compile_s = time.perf_counter() - t0
   for _ in range(2):
     jax.block_until_ready(compiled(g))
     if base is not None:
@@ -205,6 +211,7 @@ def measure(method, tree_name, mesh, repeats, inner=1, paired=False):
   lo_bytes = (_lo_tx_bytes() - lo0) / repeats
   paired_fields = {} if base is None else {
       "pmean_paired_median_s": statistics.median(base_times),
+      "pmean_paired_compile_s": base_compile_s,
       "paired_ratio_to_pmean": statistics.median(a / b for a, b in zip(times, base_times))}
   low = report.lowered.get("all-reduce")
   comp = report.compiled.get("all-reduce")
@@ -265,9 +272,11 @@ def run_all(args, mesh, stem):
               flush=True)
   base = {r["tree"]: r for r in results if r["method"] == "pmean" and "skipped" not in r}
   for r in results:
-    if r["tree"] in base and "skipped" not in r:
-      r["ratio_to_pmean"] = r.get("paired_ratio_to_pmean",
-                                  r["median_s"] / base[r["tree"]]["median_s"])
+    if "paired_ratio_to_pmean" in r:
+      r["ratio_to_pmean"] = r["paired_ratio_to_pmean"]
+      r["compile_ratio_to_pmean"] = r["compile_s"] / r["pmean_paired_compile_s"]
+    elif r["tree"] in base and "skipped" not in r:
+      r["ratio_to_pmean"] = r["median_s"] / base[r["tree"]]["median_s"]
       r["compile_ratio_to_pmean"] = r["compile_s"] / base[r["tree"]]["compile_s"]
   add_bounds(results, args, mesh.size)
   return results
@@ -312,9 +321,19 @@ def table(results, title):
   return "\n".join(lines) + "\n"
 
 
+def merge(old, new):
+  """``old`` rows with those of ``new`` put in place (same tree and method) or appended."""
+  key = lambda r: (r["tree"], r["method"])  # noqa: E731
+  fresh = {key(r): r for r in new}
+  rows = [fresh.pop(key(r), r) for r in old]
+  return rows + list(fresh.values())
+
+
 def write(results, args, title, stem):
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if getattr(args, "update", False) and (out / f"{stem}.json").exists():
+    results = merge(json.loads((out / f"{stem}.json").read_text()), results)
   (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
   (out / f"{stem}.partial.json").unlink(missing_ok=True)
   md = table(results, title)
@@ -363,8 +382,13 @@ def single_process(args):
   if args.platform == "gpu":
     os.environ["JAX_PLATFORMS"] = "cuda"
   else:
+    # 8 devices share this machine's cores: a long per-device step (top-k over a 31M-row
+    # embedding) can make the first replica wait at a collective longer than XLA:CPU's
+    # default 40 s, after which it aborts the process.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.devices}")
+                               + f" --xla_force_host_platform_device_count={args.devices}"
+                               " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+                               " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
   import jax
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)

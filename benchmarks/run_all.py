@@ -40,29 +40,31 @@ def _run(args, title):
   return code
 
 
-def suite_sync(trees, repeats, out: Path) -> int:
-  """Suite 1, one process per tree (a tree that runs out of memory costs only its own
-  rows), merged into ``sync_1proc_8dev_all``."""
+def suite_sync(trees, repeats, out: Path, methods=("all",)) -> int:
+  """Suite 1, one process per tree (a tree that crashes or runs out of memory costs only
+  its own rows: those measured before stay), merged into ``sync_1proc_8dev_all``. With
+  ``methods`` other than ``all``, the rows measured replace their old ones."""
   sys.path.insert(0, str(HERE))
   import bench_sync
 
-  rows, failed = [], 0
+  failed, notes = 0, []
   for tree in trees:
-    code = _run([str(HERE / "bench_sync.py"), "--methods", "all", "--trees", tree,
-                 "--repeats", repeats, "--tag", f"_all_{tree}", "--out", str(out)],
-                f"suite 1: {tree}")
-    done = out / f"sync_1proc_8dev_all_{tree}.json"
-    part = out / f"sync_1proc_8dev_all_{tree}.partial.json"
-    if code == 0 and done.exists():
-      rows += _load(done)
-      continue
-    failed = failed or code or 1
-    rows += _load(part)
-    rows.append({"tree": tree, "method": "(the rest)",
-                 "skipped": f"bench_sync.py exited with {code} after {len(_load(part))} rows"})
+    stem = f"sync_1proc_8dev_all_{tree}"
+    update = list(methods) != ["all"]
+    code = _run([str(HERE / "bench_sync.py"), "--methods", *methods, "--trees", tree,
+                 "--repeats", repeats, "--tag", f"_all_{tree}", "--out", str(out),
+                 *(["--update", "--paired"] if update else [])], f"suite 1: {tree}")
+    if code:
+      failed = failed or code
+      part = _load(out / f"{stem}.partial.json")
+      old = _load(out / f"{stem}.json") if update else []
+      (out / f"{stem}.json").write_text(json.dumps(bench_sync.merge(old, part), indent=1))
+      notes.append({"tree": tree, "method": "(the rest)",
+                    "skipped": f"bench_sync.py exited with {code} after {len(part)} rows"})
+  rows = [r for tree in ALL_TREES for r in _load(out / f"sync_1proc_8dev_all_{tree}.json")]
   import jax
 
-  bench_sync.write(rows, argparse.Namespace(out=str(out)),
+  bench_sync.write(rows + notes, argparse.Namespace(out=str(out)),
                    f"1 process, 8 x CPU device (jax {jax.__version__})", "sync_1proc_8dev_all")
   return failed
 
@@ -168,6 +170,10 @@ def main(argv=None):
   p.add_argument("--suites", nargs="+",
                  default=["sync", "paired", "cluster", "convergence", "gpu"])
   p.add_argument("--out", default=str(HERE / "out"))
+  p.add_argument("--trees", nargs="+", default=None, help="suite 1: only these trees")
+  p.add_argument("--methods", nargs="+", default=["all"],
+                 help="suite 1: only these methods, measured paired with pmean, replacing "
+                      "their rows in the merged table (e.g. after changing one hook)")
   p.add_argument("--publish", action="store_true",
                  help="copy the summary and each suite's table and plot to benchmarks/results/ "
                       "(the snapshot the README quotes; out/ is not committed)")
@@ -177,7 +183,7 @@ def main(argv=None):
   out = ["--out", args.out]
   codes = {}
   if "sync" in args.suites:
-    codes["sync"] = suite_sync(trees, repeats, Path(args.out))
+    codes["sync"] = suite_sync(args.trees or trees, repeats, Path(args.out), args.methods)
   if "paired" in args.suites:
     codes["paired"] = _run([str(HERE / "bench_sync.py"), "--paired", "--methods", "pmean",
                             "sync_auto", "--trees", *(PAIRED_TREES[::3] if args.quick else
