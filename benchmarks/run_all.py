@@ -114,7 +114,29 @@ def targets(out: Path) -> list[tuple[str, str, str, bool | None]]:
   return res
 
 
+def matrix(rows) -> str:
+  """Methods x trees: each sync's time relative to pmean's (its median ms in brackets)."""
+  trees = [t for t in ALL_TREES if any(r["tree"] == t for r in rows)]
+  methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "(the rest)"))
+  lines = ["| method | " + " | ".join(trees) + " |", "|---|" + "---:|" * len(trees)]
+  for m in methods:
+    cells = []
+    for t in trees:
+      r = next((r for r in rows if r["tree"] == t and r["method"] == m), None)
+      if r is None:
+        cells.append("not run")
+      elif "skipped" in r:
+        cells.append("skipped (memory)" if "GiB" in r["skipped"] else "skipped")
+      else:
+        cells.append(f"{r.get('ratio_to_pmean', float('nan')):.2f} ({r['median_s'] * 1e3:.0f})")
+    lines.append(f"| {m.removeprefix('hook:')} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def summary(out: Path):
+  sync = _load(out / "sync_1proc_8dev_all.json")
+  if sync:
+    (out / "sync_matrix.md").write_text(matrix(sync))
   lines = ["| target | measured | from | met |", "|---|---:|---|---|"]
   for name, value, src, met in targets(out):
     lines.append(f"| {name} | {value} | {src}.json | {'yes' if met else '**no**'} |")
@@ -149,7 +171,7 @@ def summary(out: Path):
   fig.savefig(out / "summary.png", dpi=100)
 
 
-PUBLISHED = ["summary", "sync_1proc_8dev_all", "sync_1proc_8dev_paired", "sync_4proc_gloo_tbf",
+PUBLISHED = ["summary", "sync_matrix", "sync_1proc_8dev_all", "sync_1proc_8dev_paired", "sync_4proc_gloo_tbf",
              "convergence", "sync_gpu_1dev_all"]
 
 
