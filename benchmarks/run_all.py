@@ -115,7 +115,8 @@ def targets(out: Path) -> list[tuple[str, str, str, bool | None]]:
 
 
 def matrix(rows) -> str:
-  """Methods x trees: each sync's time relative to pmean's (its median ms in brackets)."""
+  """Methods x trees: each sync's time relative to pmean's (its median ms in brackets;
+  "p": a paired re-measurement)."""
   trees = [t for t in ALL_TREES if any(r["tree"] == t for r in rows)]
   methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "(the rest)"))
   lines = ["| method | " + " | ".join(trees) + " |", "|---|" + "---:|" * len(trees)]
@@ -128,7 +129,9 @@ def matrix(rows) -> str:
       elif "skipped" in r:
         cells.append("skipped (memory)" if "GiB" in r["skipped"] else "skipped")
       else:
-        cells.append(f"{r.get('ratio_to_pmean', float('nan')):.2f} ({r['median_s'] * 1e3:.0f})")
+        mark = " p" if "paired_ratio_to_pmean" in r else ""
+        cells.append(f"{r.get('ratio_to_pmean', float('nan')):.2f}{mark} "
+                     f"({r['median_s'] * 1e3:.0f})")
     lines.append(f"| {m.removeprefix('hook:')} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
