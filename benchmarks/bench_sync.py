@@ -270,6 +270,14 @@ def run_all(args, mesh, stem):
               f"compile {r['compile_s']:.2f} s  ops {r['lowered_allreduce_ops']}->"
               f"{r['compiled_allreduce_ops']} ({r['compiled_allreduce_operands']} operands)",
               flush=True)
+  add_ratios(results)
+  add_bounds(results, args, mesh.size)
+  return results
+
+
+def add_ratios(results):
+  """Each row's time and compile time relative to pmean's: its paired pmean's, else the
+  pmean row of its tree (same process)."""
   base = {r["tree"]: r for r in results if r["method"] == "pmean" and "skipped" not in r}
   for r in results:
     if "paired_ratio_to_pmean" in r:
@@ -278,8 +286,6 @@ def run_all(args, mesh, stem):
     elif r["tree"] in base and "skipped" not in r:
       r["ratio_to_pmean"] = r["median_s"] / base[r["tree"]]["median_s"]
       r["compile_ratio_to_pmean"] = r["compile_s"] / base[r["tree"]]["compile_s"]
-  add_bounds(results, args, mesh.size)
-  return results
 
 
 def bound_table(results, title):

@@ -62,6 +62,7 @@ def suite_sync(trees, repeats, out: Path, methods=("all",)) -> int:
       notes.append({"tree": tree, "method": "(the rest)",
                     "skipped": f"bench_sync.py exited with {code} after {len(part)} rows"})
   rows = [r for tree in ALL_TREES for r in _load(out / f"sync_1proc_8dev_all_{tree}.json")]
+  bench_sync.add_ratios(rows)  # rows kept from a crashed run have none yet
   import jax
 
   bench_sync.write(rows + notes, argparse.Namespace(out=str(out)),
