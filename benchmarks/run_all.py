@@ -61,13 +61,20 @@ def suite_sync(trees, repeats, out: Path, methods=("all",)) -> int:
       (out / f"{stem}.json").write_text(json.dumps(bench_sync.merge(old, part), indent=1))
       notes.append({"tree": tree, "method": "(the rest)",
                     "skipped": f"bench_sync.py exited with {code} after {len(part)} rows"})
-  rows = [r for tree in ALL_TREES for r in _load(out / f"sync_1proc_8dev_all_{tree}.json")]
-  bench_sync.add_ratios(rows)  # rows kept from a crashed run have none yet
+  merge_sync(out, notes)
+  return failed
+
+
+def merge_sync(out: Path, notes=()):
+  """Every tree's suite-1 table, merged into ``sync_1proc_8dev_all``."""
+  sys.path.insert(0, str(HERE))
+  import bench_sync
   import jax
 
-  bench_sync.write(rows + notes, argparse.Namespace(out=str(out)),
+  rows = [r for tree in ALL_TREES for r in _load(out / f"sync_1proc_8dev_all_{tree}.json")]
+  bench_sync.add_ratios(rows)  # rows kept from a crashed run have none yet
+  bench_sync.write(rows + list(notes), argparse.Namespace(out=str(out)),
                    f"1 process, 8 x CPU device (jax {jax.__version__})", "sync_1proc_8dev_all")
-  return failed
 
 
 def _has_gpu() -> bool:
