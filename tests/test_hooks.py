@@ -174,6 +174,50 @@ def test_powersgd_full_rank_is_exact(mesh8):
     assert_mean(u, g, rtol=1e-4, atol=1e-4)
 
 
+def _rank_deficient(shape, kind, k, rng, n=4):
+  """Per-replica gradients (n, *shape) whose mean has rank <= k."""
+  if kind == "constant":
+    return np.ones((n, *shape), np.float32) * rng.uniform(0.5, 2, (n, 1, 1)).astype(np.float32)
+  u = rng.standard_normal((shape[0], k))
+  return np.stack([u @ rng.standard_normal((k, shape[1])) for _ in range(n)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("rank", [2, 4])  # Gram-Schmidt, QR
+@pytest.mark.parametrize("kind", ["constant", "rank1", "rank_r_minus_1"])
+def test_powersgd_rank_deficient_gradient_is_exact(rank, kind):
+  """A gradient of rank < the hook's rank is returned exactly (it once came back 2x: a
+  dependent Gram-Schmidt column normalized from rounding noise). Tolerance: P is
+  orthonormal to ~1e-6 in f32, and a column within 4 n eps of the earlier ones is
+  completed rather than kept, so the error is ~1e-5 of the gradient's scale."""
+  rng = np.random.default_rng(rank)
+  hook = hooks.powersgd(rank=rank, start_iter=0, min_compression_rate=0)
+  tx = ddp_jax.sync_gradients("i", hook=hook)
+  sync = jax.vmap(lambda x: tx.update({"w": x}, tx.init({"w": x}))[0]["w"], axis_name="i")
+  for shape in [(32, 16), (64, 64), (128, 10), (7, 3), (300, 5)]:
+    k = 1 if kind == "rank1" else max(1, min(rank, *shape) - 1)
+    g = _rank_deficient(shape, kind, k, rng)
+    out = sync(g)
+    want = g.astype(np.float64).mean(0)
+    np.testing.assert_allclose(np.asarray(out)[0], want, rtol=0,
+                               atol=1e-5 * np.abs(want).max(), err_msg=f"{shape} {kind}")
+
+
+def test_powersgd_recovers_after_a_zero_gradient():
+  """A zero gradient makes Q = M^T P zero; warm-started, a zero Q would keep P = M Q zero
+  forever. Orthogonalization completes it to a basis, so later gradients get through."""
+  tx = ddp_jax.sync_gradients("i", hook=hooks.powersgd(rank=1, start_iter=0,
+                                                       min_compression_rate=0))
+  g = np.outer(np.arange(1.0, 9.0), np.ones(6)).astype(np.float32)[None].repeat(2, 0)
+
+  def run(g):
+    s = tx.init({"w": g[0]})
+    _, s = tx.update({"w": jnp.zeros_like(g[0])}, s)
+    return tx.update({"w": g[0]}, s)[0]["w"]
+
+  out = jax.vmap(lambda x: run(x[None]), axis_name="i")(g)
+  np.testing.assert_allclose(np.asarray(out)[0], g[0], rtol=1e-5)
+
+
 def lowrank_grads(n=8, seed=0):
   """Per-replica gradients close to a shared rank-2 structure, plus noise."""
   rng = np.random.default_rng(seed)

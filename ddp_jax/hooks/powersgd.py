@@ -48,14 +48,25 @@ def matrix_shape(shape) -> tuple[int, int]:
 
 def orthogonalize(matrices, epsilon: float = 0.0):
   """Orthonormal columns for a batch ``(b, n, r)``: Gram-Schmidt for ``r <= 2``, QR
-  otherwise (as PyTorch). A zero column stays zero (no NaN). 16-bit inputs are
-  orthogonalized in float32 and cast back (PyTorch runs Gram-Schmidt in half precision,
-  which loses orthogonality quickly beyond rank 2).
+  otherwise (as PyTorch). 16-bit inputs are orthogonalized in float32 and cast back
+  (PyTorch runs Gram-Schmidt in half precision, which loses orthogonality quickly
+  beyond rank 2).
 
   Gram-Schmidt projects each column against the earlier ones a second time before
-  normalizing it ("twice is enough"): same result in exact arithmetic, but a nearly
-  dependent column (a rank-deficient gradient) no longer comes out tilted towards the
-  earlier ones, which would count that direction twice in ``P Q^T``.
+  normalizing it ("twice is enough"). A column that is dependent on the earlier ones
+  (what is left after the projections is at most ``4 n`` float32 epsilons of its
+  norm: the worst-case rounding of two length-``n`` projections) or zero is replaced
+  by a unit vector orthogonal to them, as QR does. Its residual would otherwise be
+  rounding noise, possibly parallel to an earlier column, and normalizing it would
+  count that direction twice in ``P Q^T`` (a rank-deficient gradient, e.g. a small
+  batch's, came back doubled); a zero column kept zero would never recover under warm
+  start. So the result is always an orthonormal basis and ``P P^T M`` a projection.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> q = orthogonalize(jnp.ones((1, 4, 2)))   # rank 1: the second column completes
+    >>> bool(jnp.allclose(q[0].T @ q[0], jnp.eye(2), atol=1e-6))
+    True
   """
   if jnp.finfo(matrices.dtype).bits <= 16:
     return orthogonalize(matrices.astype(jnp.float32), epsilon).astype(matrices.dtype)
@@ -66,18 +77,31 @@ def orthogonalize(matrices, epsilon: float = 0.0):
     # One QR at a time: a batched LAPACK QR on a multi-device CPU mesh can wait forever
     # for a thread pool that every other device's all-reduce holds.
     return lax.map(lambda m: jnp.linalg.qr(m)[0], matrices)
-  cols = [matrices[:, :, i] for i in range(rank)]
+  n = matrices.shape[1]
+  tol = 4 * n * float(jnp.finfo(matrices.dtype).eps)
+
+  def project_out(col, basis):
+    for q in basis:
+      col = col - jnp.sum(q * col, axis=1, keepdims=True) * q
+    return col
+
+  def normalize(col):
+    norm = jnp.linalg.norm(col, axis=1, keepdims=True)
+    return col / (norm + epsilon if epsilon else jnp.where(norm > 0, norm, 1))
+
+  basis = []
   for i in range(rank):
-    for k in range(i):  # the second projection
-      cols[i] = cols[i] - jnp.sum(cols[k] * cols[i], axis=1, keepdims=True) * cols[k]
-    norm = jnp.linalg.norm(cols[i], axis=1, keepdims=True)
-    if epsilon == 0:
-      cols[i] = jnp.where(norm > 0, cols[i] / jnp.where(norm > 0, norm, 1), 0)
-    else:
-      cols[i] = cols[i] / (norm + epsilon)
-    for j in range(i + 1, rank):
-      cols[j] = cols[j] - jnp.sum(cols[i] * cols[j], axis=1, keepdims=True) * cols[i]
-  return jnp.stack(cols, axis=2)
+    col = matrices[:, :, i]
+    size = jnp.linalg.norm(col, axis=1, keepdims=True)
+    col = project_out(project_out(col, basis), basis)
+    dependent = jnp.linalg.norm(col, axis=1, keepdims=True) <= tol * size
+    # The completion: the unit vector e_j where the earlier columns are smallest (its
+    # part outside their span has norm >= sqrt(1 - i / n) > 0), projected out twice.
+    weight = sum((jnp.abs(q) for q in basis), jnp.zeros_like(col))
+    unit = jax.nn.one_hot(jnp.argmin(weight, axis=1), n, dtype=col.dtype)
+    unit = normalize(project_out(project_out(unit, basis), basis))
+    basis.append(jnp.where(dependent, unit, normalize(col)))
+  return jnp.stack(basis, axis=2)
 
 
 def _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, name):
