@@ -11,8 +11,10 @@ from ddp_jax._distributed import (
     sync_buffers,
     verify_replicas,
 )
+from ddp_jax._grad import grad, value_and_grad
 from ddp_jax._plan import BucketPlan, BucketSpec, compute_bucket_assignment_by_size, plan_buckets
 from ddp_jax._replica import init_state, replicate, shard, state_specs
+from ddp_jax._step import DataParallelStep, data_parallel
 from ddp_jax._sync import SyncState, SyncStats, describe, sync_gradients
 
 __version__ = "0.1.0"
@@ -32,8 +34,11 @@ __all__ = [
     "SyncState",
     "SyncStats",
     "compute_bucket_assignment_by_size",
+    "DataParallelStep",
+    "data_parallel",
     "describe",
     "global_batch",
+    "grad",
     "shard_indices",
     "hooks",
     "init_state",
@@ -43,4 +48,5 @@ __all__ = [
     "shard",
     "state_specs",
     "sync_gradients",
+    "value_and_grad",
 ]

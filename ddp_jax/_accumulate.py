@@ -21,9 +21,10 @@ class AccumulateState(NamedTuple):
   mini_step: jax.Array  # int32 in [0, k)
   acc: Any  # this replica's running sum (per replica, leading replica axis)
   inner: Any  # the wrapped transformation's state
+  weight: jax.Array  # int32 (per replica, leading replica axis): micro-steps in ``acc``
 
 
-_replica.register_per_replica(AccumulateState, ("acc",))
+_replica.register_per_replica(AccumulateState, ("acc", "weight"))
 
 
 def accumulate(tx: optax.GradientTransformation, k: int, *,
@@ -35,6 +36,13 @@ def accumulate(tx: optax.GradientTransformation, k: int, *,
   all-reduce) runs on the accumulated gradients inside a ``lax.cond`` branch.
   The local sums are per-replica state (``state_specs`` gives them
   ``P(axis)``).
+
+  Uneven inputs: pass ``participating=`` (this replica's bool) on *every*
+  micro-step. A replica adds only the micro-batches it took part in, and the
+  update is the mean over all (replica, micro-step) pairs that took part (times
+  k with ``average=False``): exactly one device's training on the data that
+  exists. The sync receives each replica's count as its weight (see
+  :func:`~ddp_jax.sync_gradients`).
 
   Args:
     tx: the transformation to run every k-th step, e.g.
@@ -65,20 +73,34 @@ def accumulate(tx: optax.GradientTransformation, k: int, *,
 
   def init_fn(params):
     return AccumulateState(jnp.zeros((), jnp.int32), _replica.expand(zeros(params)),
-                           tx.init(params))
+                           tx.init(params), _replica.expand(jnp.zeros((), jnp.int32)))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    acc = jax.tree.map(lambda g, a: None if a is None else a + g.astype(a.dtype),
-                       updates, _replica.squeeze(state.acc), is_leaf=_is_none)
+  def update_fn(updates, state, params=None, participating=None, **extra_args):
+    took_part = jnp.asarray(True if participating is None else participating)
+    if took_part.shape != () or not (took_part.dtype == jnp.bool_
+                                     or jnp.issubdtype(took_part.dtype, jnp.integer)):
+      raise ValueError(
+          f"accumulate: participating must be this replica's scalar bool for the "
+          f"micro-step, got {took_part.dtype}{list(took_part.shape)}.")
+    took_part = took_part.astype(jnp.bool_)
+    acc = jax.tree.map(
+        lambda g, a: None if a is None else a + jnp.where(took_part, g, 0).astype(a.dtype),
+        updates, _replica.squeeze(state.acc), is_leaf=_is_none)
+    weight = _replica.squeeze(state.weight) + took_part.astype(jnp.int32)
     emit = state.mini_step == k - 1
 
     def grads_out(acc):
       # Accumulated leaves where there are any; the rest (ints, float0) as given now.
-      return jax.tree.map(lambda g, a: g if a is None else (a / k if average else a),
-                          updates, acc, is_leaf=_is_none)
+      if participating is None:  # every replica took every micro-step: the mean is /k
+        scale = lambda a: a / k if average else a  # noqa: E731
+      else:  # sums; the sync divides by the total weight (and k x that for sums)
+        scale = lambda a: a if average else a * k  # noqa: E731
+      return jax.tree.map(lambda g, a: g if a is None else scale(a), updates, acc,
+                          is_leaf=_is_none)
 
     def do(acc, inner):
-      return tx.update(grads_out(acc), inner, params, **extra_args)
+      extra = extra_args if participating is None else dict(extra_args, participating=weight)
+      return tx.update(grads_out(acc), inner, params, **extra)
 
     def skip(acc, inner):
       shapes = jax.eval_shape(lambda: do(acc, inner)[0])
@@ -86,6 +108,8 @@ def accumulate(tx: optax.GradientTransformation, k: int, *,
 
     new_updates, inner = lax.cond(emit, do, skip, acc, state.inner)
     acc = jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc)
-    return new_updates, AccumulateState((state.mini_step + 1) % k, _replica.expand(acc), inner)
+    weight = jnp.where(emit, 0, weight)
+    return new_updates, AccumulateState((state.mini_step + 1) % k, _replica.expand(acc), inner,
+                                        _replica.expand(weight))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from ddp_jax._replica import check_axis_name
+from ddp_jax._axes import check_axis_name
 
 
 class PeriodicAverageState(NamedTuple):

@@ -14,7 +14,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
 
-from ddp_jax import _replica
+from ddp_jax._axes import check_axis_name
 from ddp_jax._plan import path_str
 
 BUFFER_MODES = ("broadcast", "mean")
@@ -38,7 +38,7 @@ def broadcast_params(tree: Any, axis_name, source: int = 0) -> Any:
     >>> print(f(jnp.arange(4.0) + 1))
     [1. 1. 1. 1.]
   """
-  _replica.check_axis_name(axis_name)
+  check_axis_name(axis_name)
   if not isinstance(source, int) or isinstance(source, bool) or source < 0:
     raise ValueError(f"broadcast_params: source must be a replica index >= 0, got {source!r}.")
   index = lax.axis_index(axis_name)

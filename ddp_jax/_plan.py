@@ -133,6 +133,12 @@ def is_communicated(leaf: Any) -> bool:
 
 
 def path_str(path) -> str:
+  """``['layer']['kernel']``: a leaf's path as jax prints it. A trailing ``.value`` (the
+  box of a flax ``nnx.Variable``) is left out, so a parameter has one name whether
+  it comes boxed (``nnx.state(model)``) or pure (``nnx.as_pure``)."""
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
   return jax.tree_util.keystr(path) or "<root>"
 
 

@@ -19,6 +19,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddp_jax._axes import check_axis_name
+
 # class -> (per-replica field names, whether the fields carry the leading replica axis)
 _PER_REPLICA: dict[type, tuple[tuple[str, ...], bool]] = {}
 
@@ -27,6 +29,25 @@ def register_per_replica(cls: type, fields: tuple[str, ...], leading_axis: bool 
   """Declares ``fields`` of state class ``cls`` per replica (see module docstring)."""
   _PER_REPLICA[cls] = (tuple(fields), leading_axis)
   return cls
+
+
+# States of transformations that communicate (sync_gradients): a per-replica decision
+# around them (optax.apply_if_finite) would run their collectives on some replicas only.
+COMMUNICATING: set[type] = set()
+
+
+def _check_collective_decisions(state: Any) -> None:
+  is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
+  for node in jax.tree.leaves(state, is_leaf=is_guard):
+    if is_guard(node) and any(type(x) in COMMUNICATING for x in jax.tree.leaves(
+        node.inner_state, is_leaf=lambda x: type(x) in COMMUNICATING)):
+      raise ValueError(
+          "optax.apply_if_finite wraps ddp_jax.sync_gradients: each replica would decide "
+          "alone, from its own gradients, whether to run the sync, so a non-finite "
+          "gradient on one replica skips the all-reduce there only (a type error under "
+          "shard_map, a hang under pmap). Put the check after the sync, where every "
+          "replica sees the same averaged gradients: optax.chain(ddp_jax.sync_gradients"
+          "(axis, ...), optax.apply_if_finite(opt, max_consecutive_errors)).")
 
 
 # optax.MultiSteps accumulates each replica's own gradients, without a replica axis.
@@ -41,13 +62,6 @@ def expand(tree):
 def squeeze(tree):
   """Stored per-replica state -> local form."""
   return jax.tree.map(lambda x: x[0], tree)
-
-
-def check_axis_name(axis_name) -> None:
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  if not names or any(not isinstance(n, str) or not n for n in names):
-    raise TypeError(
-        f"axis_name must be a mesh axis name or a tuple of them, got {axis_name!r}.")
 
 
 def state_specs(state: Any, axis_name) -> Any:
@@ -65,6 +79,7 @@ def state_specs(state: Any, axis_name) -> Any:
     >>> specs = ddp_jax.state_specs(tx.init({"w": jnp.zeros(3)}), "data")
   """
   check_axis_name(axis_name)
+  _check_collective_decisions(state)
   per_replica = P(axis_name)
 
   def field_spec(cls, name, value, leading_axis):
@@ -108,15 +123,22 @@ def _replace(node, children):
   return dataclasses.replace(node, **children)
 
 
-def init_state(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh,
+def init_state(tx: optax.GradientTransformation | Any, params: Any, mesh: jax.sharding.Mesh,
                axis_name) -> Any:
   """Runs ``tx.init`` on every replica of ``mesh``; returns a state laid out for a
   ``jax.shard_map`` step with ``state_specs(state, axis_name)``.
 
-  ``params`` are replicated (``P()``) across the mesh first.
+  ``params`` are replicated (``P()``) across the mesh first. ``tx`` may also be any
+  function ``init(params) -> state`` whose state holds optax states, e.g. flax NNX's
+  ``lambda model: nnx.Optimizer(model, tx, wrt=nnx.Param)`` (per-replica hook state
+  then gets its replica axis like any other).
   """
-  specs = state_specs(jax.eval_shape(tx.init, params), axis_name)
-  fn = jax.shard_map(tx.init, mesh=mesh, in_specs=(P(),), out_specs=specs)
+  init = tx.init if callable(getattr(tx, "init", None)) else tx
+  if not callable(init):
+    raise TypeError(f"init_state: tx must be an optax transformation or a function "
+                    f"init(params) -> state, got {tx!r}.")
+  specs = state_specs(jax.eval_shape(init, params), axis_name)
+  fn = jax.shard_map(init, mesh=mesh, in_specs=(P(),), out_specs=specs)
   return jax.jit(fn)(replicate(params, mesh))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from ddp_jax import _pack, _replica
+from ddp_jax import _axes, _pack, _replica
 from ddp_jax._plan import ORDERS, BucketPlan, bucket_limits, is_communicated, plan_buckets
 from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, allreduce_bytes, wire_cost
 from ddp_jax.hooks.default import allreduce
@@ -56,6 +56,7 @@ class SyncState:
 jax.tree_util.register_dataclass(
     SyncState, data_fields=["hook_states", "stats"], meta_fields=["signature"])
 _replica.register_per_replica(SyncState, ("hook_states",))
+_replica.COMMUNICATING.add(SyncState)
 
 
 def _register_flax_serialization() -> None:
@@ -86,23 +87,6 @@ def _signature(plan: BucketPlan) -> tuple:
 def _hook_name(hook: CommHook) -> str:
   name = getattr(hook.update, "__qualname__", None) or repr(hook.update)
   return name.split(".<locals>")[0]
-
-
-def _axis_size(axis_name) -> int:
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  size = 1
-  for name in names:
-    try:
-      size *= lax.axis_size(name)
-    except NameError:
-      raise ValueError(
-          f"sync_gradients: axis {name!r} is not bound here. The update must run "
-          f"inside a mapped function that names it, e.g. "
-          f"jax.shard_map(step, mesh=mesh, in_specs=..., out_specs=...) over a "
-          f"Mesh with axis {name!r}, or jax.pmap(step, axis_name={name!r}). "
-          f"If the step already runs mapped, check the axis name for a typo."
-      ) from None
-  return size
 
 
 def _first_difference(seen: tuple, now: tuple) -> str:
@@ -170,13 +154,66 @@ def _check_state(old, new, hook: CommHook, index: int) -> None:
 
 
 def _check_participating(participating):
+  """This replica's weight (int32 >= 0) from a bool flag or an integer weight."""
   flag = jnp.asarray(participating)
   if flag.shape != () or not (flag.dtype == jnp.bool_ or jnp.issubdtype(flag.dtype, jnp.integer)):
     raise ValueError(
         f"sync_gradients: participating must be this replica's scalar flag (a bool, True "
-        f"while it still has data), got {flag.dtype}{list(flag.shape)}. Inside shard_map, "
-        "pass the local element, e.g. has_data[0] of a P(axis)-sharded array.")
-  return flag.astype(jnp.bool_)
+        f"while it still has data) or integer weight, got {flag.dtype}{list(flag.shape)}. "
+        "Inside shard_map, pass the local element, e.g. has_data[0] of a P(axis)-sharded "
+        "array.")
+  return jnp.maximum(flag.astype(jnp.int32), 0)
+
+
+INVARIANT_GRADS = ("error", "summed")
+
+
+def _per_replica(leaves: list, plan: BucketPlan, axis_name, size: int, invariant_grads: str,
+                 participating) -> list:
+  """Under shard_map with check_vma: gradients must vary over the axis (see _axes).
+
+  An invariant leaf was already reduced by autodiff (jax.grad of a replicated
+  parameter sums over the axis): reducing it again would give N times the mean.
+  """
+  if not _axes.checks_vma(axis_name):
+    return leaves  # pmap, vmap, check_vma=False: no types to read
+  bad = {i: _axes.invariant_over(leaves[i], axis_name)
+         for b in plan.buckets for i in b.leaf_indices}
+  bad = {i: axes for i, axes in bad.items() if axes}
+  if not bad:
+    return leaves
+  names = [plan.leaf_paths[i] for i in sorted(bad)]
+  listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+  axes = sorted({a for v in bad.values() for a in v})
+  if invariant_grads == "error":
+    raise ValueError(
+        f"sync_gradients: {len(names)} gradient leaves are not per replica over "
+        f"{', '.join(map(repr, axes))}: {listed}. They are typed invariant (the same on "
+        "every replica), which is what jax.grad of a replicated (P()) parameter against "
+        "per-replica data returns under shard_map: autodiff has already summed it over "
+        "the axis, so averaging it again would give N times the gradient (and the compiled "
+        "step would all-reduce it twice). Differentiate per-replica copies instead: "
+        f"loss, grads = ddp_jax.value_and_grad(loss_fn, {axis_name!r})(params, batch) "
+        f"(or jax.grad(loss_fn)(jax.lax.pcast(params, {axis_name!r}, to='varying'), "
+        "batch)). If these leaves really are sums over the replicas, pass "
+        "sync_gradients(..., invariant_grads='summed').")
+  partial = [plan.leaf_paths[i] for i, a in bad.items()
+             if len(a) != len(_axes.axis_names(axis_name))]
+  if partial:
+    raise ValueError(
+        f"sync_gradients: leaf {partial[0]} varies over some of the axes "
+        f"{axis_name!r} but not all; invariant_grads='summed' takes a leaf invariant over "
+        "every axis as a sum over all of them. Differentiate per-replica copies "
+        f"(ddp_jax.value_and_grad(loss_fn, {axis_name!r})).")
+  if participating is not None:
+    raise ValueError(
+        f"sync_gradients: invariant_grads='summed' cannot honour participating=: leaves "
+        f"{listed} were summed by autodiff over every replica, idle ones included. "
+        f"Differentiate per-replica copies (ddp_jax.value_and_grad(loss_fn, {axis_name!r})).")
+  out = list(leaves)
+  for i in bad:  # the mean of the replicas' gradients, as a per-replica value
+    out[i] = _axes.to_varying(leaves[i] / jnp.asarray(size, leaves[i].dtype), axis_name)
+  return out
 
 
 def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -> SyncStats:
@@ -224,6 +261,7 @@ def sync_gradients(
     ravel_below_bytes: int | None = None,
     reduce_dtype: Any = None,
     gradient_predivide_factor: float | None = None,
+    invariant_grads: str = "error",
 ) -> optax.GradientTransformationExtraArgs:
   """Averages gradients across ``axis_name`` in DDP-style buckets.
 
@@ -231,9 +269,15 @@ def sync_gradients(
   (:func:`plan_buckets`), each bucket is packed and handed to ``hook``
   (default :func:`ddp_jax.hooks.allreduce`), and the results are unpacked into
   a tree like the input. Use it inside ``jax.shard_map`` or ``jax.pmap``, first
-  in an optax chain. ``update`` takes the extra argument ``participating``
+  in an optax chain, on gradients from :func:`ddp_jax.value_and_grad` (per
+  replica: under ``shard_map``, ``jax.grad`` of a replicated parameter is
+  already summed over the axis, and such gradients are refused, see
+  ``invariant_grads``). ``update`` takes the extra argument ``participating``
   (this replica's bool; DDP ``Join``): replicas without data pass False, add
-  zeros, and the mean divides by the number of participating replicas.
+  zeros, and the mean divides by the number of participating replicas. An
+  integer weight ``w >= 0`` instead of the bool gives ``sum(g) / sum(w)`` over
+  the replicas (gradients summed over ``w`` micro-batches; what
+  :func:`ddp_jax.accumulate` passes).
 
   Args:
     axis_name: the mapped axis (or tuple of mesh axes) to average over.
@@ -254,6 +298,13 @@ def sync_gradients(
       bf16 gradients.
     gradient_predivide_factor: Horovod's f: divide by f before the sum and by
       ``world / f`` after it (against f16 overflow and underflow).
+    invariant_grads: what to do, under ``shard_map`` with ``check_vma``, with a
+      gradient leaf that is invariant over the axis (identical on every
+      replica), i.e. already reduced: ``"error"`` (default) raises, naming the
+      leaves and the fix; ``"summed"`` takes it as the sum over the replicas
+      that ``jax.grad`` of a replicated parameter returns and divides it by the
+      number of replicas (the hook then reduces identical values: correct, but
+      the step keeps autodiff's all-reduce besides the hook's).
 
   Returns:
     An optax ``GradientTransformationExtraArgs``; its state is a
@@ -270,8 +321,11 @@ def sync_gradients(
     >>> print(jax.vmap(step, axis_name="i")(params, grads)["w"][0])
     [-1.5 -1.5]
   """
-  _replica.check_axis_name(axis_name)
+  _axes.check_axis_name(axis_name)
   hook = allreduce() if hook is None else hook
+  if invariant_grads not in INVARIANT_GRADS:
+    raise ValueError(
+        f"invariant_grads must be one of {INVARIANT_GRADS}, got {invariant_grads!r}.")
   if not (isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))):
     raise TypeError(
         f"hook must be a CommHook(init, update), e.g. ddp_jax.hooks.allreduce(); "
@@ -322,17 +376,20 @@ def sync_gradients(
           "sync_gradients: the gradient tree differs from the tree seen at init "
           f"({_first_difference(state.signature, _signature(plan))}). Call init "
           "with params shaped like the gradients.")
-    size = _axis_size(axis_name)
+    size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
-    flag = count = None
+    flag = count = weight = None
     if participating is not None:
-      flag = _check_participating(participating)
-      count = lax.psum(flag.astype(jnp.int32), axis_name)
+      weight = _check_participating(participating)
+      flag = weight > 0
+      # One collective: [replicas taking part, total weight].
+      count, weight = lax.psum(jnp.stack([flag.astype(jnp.int32), weight]), axis_name)
     ctx = HookContext(axis_name, size, flag,
-                      None if count is None else jnp.maximum(count, 1),
+                      None if weight is None else jnp.maximum(weight, 1),
                       None if gradient_predivide_factor is None
                       else float(gradient_predivide_factor))
-    leaves = jax.tree_util.tree_leaves(updates)
+    leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
+                          invariant_grads, participating)
     out = list(original)
     new_states = []
     if len(state.hook_states) != plan.num_buckets:

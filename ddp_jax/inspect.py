@@ -47,6 +47,7 @@ class Counts:
   calls: int = 0  # distinct (bucket, kind) groups plus ops outside buckets
   in_conditional: int = 0  # ops inside a branch of a conditional (lax.cond / lax.switch)
   bytes_by_group_size: dict = dataclasses.field(default_factory=dict)  # replicas per group -> bytes
+  bytes_by_dtype: dict = dataclasses.field(default_factory=dict)  # HLO element type -> bytes
 
 
 @dataclasses.dataclass
@@ -116,6 +117,7 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
       for d in filter(None, dims.split(",")):
         n *= int(d)
       nbytes += n * _itemsize(dtype)
+      c.bytes_by_dtype[dtype] = c.bytes_by_dtype.get(dtype, 0) + n * _itemsize(dtype)
     c.bytes += nbytes
     group = _group_size(line)
     c.bytes_by_group_size[group] = c.bytes_by_group_size.get(group, 0) + nbytes

@@ -4,8 +4,9 @@
     python examples/train_cpu_mesh.py --hook "powersgd(rank=2, start_iter=50)"
 
 Trains a small flax MLP on scikit-learn's bundled digits (8x8 images, 10
-classes): each device takes its slice of every batch, gradients are averaged by
-``ddp_jax.sync_gradients`` inside ``jax.shard_map``. Prints progress, the test
+classes): each device takes its slice of every batch (``ddp_jax.data_parallel``),
+computes its own gradients (``ddp_jax.value_and_grad``), and they are averaged by
+``ddp_jax.sync_gradients``. Prints progress, the test
 accuracy and the bytes a replica sent per step, and saves a loss plot to ``--out``.
 """
 
@@ -70,27 +71,22 @@ def digits(seed=0):
 
 
 def data_parallel_step(model, tx, params, mesh):
-  """The jitted shard_map training step and its initial (replicated) params and state."""
+  """The jitted data-parallel step and its initial (replicated) params and state."""
   import jax
   import optax
-  from jax.sharding import PartitionSpec as P
 
   import ddp_jax
 
   def loss_fn(p, xb, yb):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
 
-  def train_step(p, s, xb, yb):
-    loss, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
-    updates, s = tx.update(grads, s, p)
+  def train_step(p, s, xb, yb):  # one replica, its slice of the batch
+    loss, grads = ddp_jax.value_and_grad(loss_fn, "data")(p, xb, yb)  # this replica's
+    updates, s = tx.update(grads, s, p)  # averaged over the replicas here
     return optax.apply_updates(p, updates), s, jax.lax.pmean(loss, "data")
 
-  opt_state = ddp_jax.init_state(tx, params, mesh, "data")
-  specs = ddp_jax.state_specs(opt_state, "data")
-  step = jax.jit(jax.shard_map(train_step, mesh=mesh,
-                               in_specs=(P(), specs, P("data"), P("data")),
-                               out_specs=(P(), specs, P())))
-  return step, ddp_jax.replicate(params, mesh), opt_state
+  step = ddp_jax.data_parallel(train_step, mesh, "data", batch_argnums=(2, 3))
+  return step, ddp_jax.replicate(params, mesh), ddp_jax.init_state(tx, params, mesh, "data")
 
 
 def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress=True):
@@ -119,8 +115,7 @@ def train(hook_expr="allreduce", steps=300, batch=128, lr=3e-3, seed=0, progress
   losses, t0 = [], time.perf_counter()
   for i in bar:
     idx = rng.choice(train_idx, batch, replace=False)
-    xb, yb = ddp_jax.shard((x[idx], y[idx]), mesh, "data")
-    params, opt_state, loss = step(params, opt_state, xb, yb)
+    params, opt_state, loss = step(params, opt_state, x[idx], y[idx])
     losses.append(float(loss))
     if hasattr(bar, "set_postfix") and i % 20 == 0:
       bar.set_postfix(loss=f"{losses[-1]:.3f}")

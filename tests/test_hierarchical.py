@@ -77,5 +77,7 @@ def test_errors(mesh2x4):
   one_axis = ddp_jax.sync_gradients("local", hook=hooks.hierarchical(hooks.allreduce(),
                                                                       local_size=4))
   with pytest.raises(ValueError, match=r"must average over \('node', 'local'\)"):
-    jax.jit(jax.shard_map(lambda g: one_axis.update(g, one_axis.init(g))[0], mesh=mesh2x4,
-                          in_specs=P(), out_specs=P()))(ddp_jax.replicate(tree(), mesh2x4))
+    jax.jit(jax.shard_map(lambda g: one_axis.update(jax.tree.map(lambda x: x[0], g),
+                                                    one_axis.init(tree()))[0],
+                          mesh=mesh2x4, in_specs=P(AXES), out_specs=P()))(
+                              ddp_jax.shard(g, mesh2x4, AXES))

@@ -142,6 +142,98 @@ def test_uneven_inputs(mesh8, hook):
           np.testing.assert_array_equal(a["residual"][r], b["residual"][r])
 
 
+def test_participating_weights(mesh8):
+  """An integer weight w_r: the result is sum(g_r) / sum(w_r); weight 0 is idle."""
+  params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros((5,))}
+  fn, state = mapped(ddp_jax.sync_gradients("data"), mesh8, params, extra_in=("participating",))
+  g = per_device_grads(params, 8, seed=1)
+  weights = np.array([3, 1, 0, 2, 1, 0, 4, 1], np.int32)
+  u, state = fn(state, ddp_jax.shard(g, mesh8, "data"), ddp_jax.shard(weights, mesh8, "data"))
+  for name in params:
+    x = np.asarray(g[name], np.float64)
+    want = x[weights > 0].sum(0) / weights.sum()
+    for row in np.asarray(u[name]):
+      np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+  assert int(state.stats.participating) == 6
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_accumulate_honours_participating_on_every_micro_step(mesh8, average):
+  """Replicas idle on a micro-step add nothing for it; the update is the mean over the
+  (replica, micro-step) pairs that took part (k x that for sums): one device's training
+  on the data that exists."""
+  k = 3
+  params = {"w": jnp.zeros((6, 5)), "b": jnp.zeros((5,))}
+  tx = ddp_jax.accumulate(optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(1.0)), k,
+                          average=average)
+  fn, state = mapped(tx, mesh8, params, extra_in=("participating",))
+  micro = [per_device_grads(params, 8, seed=s) for s in range(k)]
+  flags = np.ones((k, 8), bool)
+  flags[0, :4] = False  # replicas 0-3 idle on micro-step 0
+  flags[2, 6] = False   # replica 6 idle on the last one
+  flags[:, 7] = False   # replica 7 idle throughout
+  for t in range(k):
+    u, state = fn(state, ddp_jax.shard(micro[t], mesh8, "data"),
+                  ddp_jax.shard(flags[t], mesh8, "data"))
+    if t < k - 1:
+      assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+  for name in params:
+    taken = sum(np.asarray(micro[t][name], np.float64)[flags[t]].sum(0) for t in range(k))
+    want = -taken / flags.sum() * (1 if average else k)
+    for row in np.asarray(u[name]):
+      np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+  assert int(state.inner[0].stats.participating) == 7  # replicas with any data
+  # The local sums and counts were reset for the next window.
+  assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(state.acc))
+  assert np.all(np.asarray(state.weight) == 0)
+
+
+@pytest.mark.parametrize("mapping", ["shard_map", "pmap"])
+def test_apply_if_finite_after_the_sync_skips_on_every_replica(mesh8, mapping):
+  """A NaN in one element on one replica: the averaged gradients are NaN on every replica,
+  so every replica skips the step alike (no replica runs a collective alone); the next,
+  finite step applies."""
+  params = {"w": jnp.ones((4, 3))}
+  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.apply_if_finite(optax.sgd(1.0), 3))
+
+  def step(p, s, g):
+    u, s = tx.update(jax.tree.map(lambda x: x[0], g), s, p)
+    return optax.apply_updates(p, u), s
+
+  if mapping == "pmap":
+    stack = lambda t: jax.tree.map(lambda a: jnp.stack([a] * 8), t)  # noqa: E731
+    p, s = stack(params), jax.pmap(tx.init)(stack(params))
+    fn = jax.pmap(lambda p, s, g: step(p, s, jax.tree.map(lambda x: x[None], g)),
+                  axis_name="data")
+    place = lambda g: g  # noqa: E731
+  else:
+    s = ddp_jax.init_state(tx, params, mesh8, "data")
+    specs = ddp_jax.state_specs(s, "data")
+    p = ddp_jax.replicate(params, mesh8)
+    fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(P(), specs, P("data")),
+                               out_specs=(P(), specs)))
+    place = lambda g: ddp_jax.shard(g, mesh8, "data")  # noqa: E731
+  bad = per_device_grads(params, 8, seed=1)
+  bad["w"] = bad["w"].at[3, 2, 1].set(jnp.nan)
+  p, s = fn(p, s, place(bad))
+  w = np.asarray(p["w"]).reshape(-1, 4, 3)
+  assert np.all(w == 1.0), "every replica skipped the non-finite step"
+  assert np.all(np.asarray(s[1].notfinite_count) == 1)
+  good = per_device_grads(params, 8, seed=2)
+  p, s = fn(p, s, place(good))
+  want = 1.0 - np.asarray(good["w"], np.float64).mean(0)
+  for row in np.asarray(p["w"]).reshape(-1, 4, 3):
+    np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_if_finite_around_the_sync_is_refused(mesh8):
+  params = {"w": jnp.ones((4, 3))}
+  tx = optax.apply_if_finite(optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(1.0)), 3)
+  with pytest.raises(ValueError, match=r"apply_if_finite wraps ddp_jax.sync_gradients.*"
+                                       r"optax.chain\(ddp_jax.sync_gradients"):
+    ddp_jax.init_state(tx, params, mesh8, "data")
+
+
 def test_participating_must_be_scalar():
   tx = ddp_jax.sync_gradients("i")
   g = {"w": jnp.ones((2, 3))}
@@ -308,29 +400,33 @@ def test_describe_and_debug_log(mesh8, capsys, monkeypatch):
 # ---- unused and frozen parameters --------------------------------------------------------
 
 
-def test_unused_and_absent_gradients(mesh8):
-  """No find_unused_parameters: an unused branch just has zero (or None) gradients."""
+@pytest.mark.parametrize("how", ["ddp_jax.grad", "summed"])
+def test_unused_and_absent_gradients(mesh8, how):
+  """No find_unused_parameters: an unused branch just has zero (or None) gradients, and
+  the used leaves get exactly the full-batch update (SGD: scale-sensitive)."""
   params = {"used": jnp.ones((4, 3)), "unused": jnp.ones((5,))}
 
   def loss(p, x):
-    return jnp.sum((x @ p["used"]) ** 2)
+    return jnp.mean((x @ p["used"]) ** 2)
 
-  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
+  tx = optax.chain(ddp_jax.sync_gradients(
+      "data", invariant_grads="summed" if how == "summed" else "error"), optax.sgd(0.1))
   state = ddp_jax.init_state(tx, params, mesh8, "data")
   specs = ddp_jax.state_specs(state, "data")
 
   def step(p, s, x):
-    g = jax.grad(loss)(p, x)
+    # "summed": plain jax.grad, whose gradients autodiff already summed over the axis.
+    g = jax.grad(loss)(p, x) if how == "summed" else ddp_jax.grad(loss, "data")(p, x)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   fn = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(P(), specs, P("data")),
                              out_specs=(P(), specs)))
-  x = ddp_jax.shard(np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32),
-                    mesh8, "data")
-  new, _ = fn(ddp_jax.replicate(params, mesh8), state, x)
+  x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+  new, _ = fn(ddp_jax.replicate(params, mesh8), state, ddp_jax.shard(x, mesh8, "data"))
   np.testing.assert_array_equal(new["unused"], params["unused"])
-  assert not np.allclose(new["used"], params["used"])
+  want = params["used"] - 0.1 * jax.grad(loss)(params, x)["used"]
+  np.testing.assert_allclose(new["used"], want, rtol=1e-6, atol=1e-6)
   # Absent gradients (None) pass through.
   tx2 = ddp_jax.sync_gradients("i")
   out = jax.vmap(lambda g: tx2.update(g, tx2.init(g))[0], axis_name="i")(

@@ -299,3 +299,111 @@ def test_error_wrong_state_type():
   tx = ddp_jax.sync_gradients("i")
   with pytest.raises(TypeError, match="state must be the SyncState"):
     tx.update({"a": jnp.ones(2)}, optax.EmptyState())
+
+
+# ---- per-replica gradients (shard_map's varying types) and the step builder -------------
+
+
+def _invariant_sync(mesh, tx, g_spec, extra=None):
+  """Runs tx.update under shard_map on grads whose in_spec is g_spec (P() = invariant)."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  g = per_device_grads(params, 8)
+  state = ddp_jax.init_state(tx, params, mesh, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  def step(s, g, *flag):
+    g = jax.tree.map(lambda x: x[0], g) if g_spec != P() else g
+    kw = {"participating": flag[0][0]} if flag else {}
+    return tx.update(g, s, **kw)[0]
+
+  args = ((ddp_jax.shard(g, mesh, "data") if g_spec != P() else ddp_jax.replicate(params, mesh)),)
+  in_specs = (specs, g_spec)
+  if extra is not None:
+    args, in_specs = args + (ddp_jax.shard(extra, mesh, "data"),), in_specs + (P("data"),)
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=P()))
+  return fn(state, *args)
+
+
+def test_invariant_gradients_are_refused_with_the_fix(mesh8):
+  with pytest.raises(ValueError, match=r"2 gradient leaves are not per replica over 'data': "
+                                       r"\['b'\], \['w'\].*N times the gradient.*"
+                                       r"ddp_jax.value_and_grad\(loss_fn, 'data'\).*"
+                                       r"invariant_grads='summed'"):
+    _invariant_sync(mesh8, ddp_jax.sync_gradients("data"), P())
+
+
+def test_invariant_gradients_summed_are_divided(mesh8):
+  """'summed': an invariant leaf is the sum over the 8 replicas: its mean is it / 8."""
+  out = _invariant_sync(mesh8, ddp_jax.sync_gradients("data", invariant_grads="summed"), P())
+  np.testing.assert_allclose(out["w"], np.full((4, 3), 1 / 8), rtol=1e-6)
+
+
+def test_invariant_gradients_summed_refuse_participating(mesh8):
+  tx = ddp_jax.sync_gradients("data", invariant_grads="summed")
+  with pytest.raises(ValueError, match=r"invariant_grads='summed' cannot honour participating"):
+    _invariant_sync(mesh8, tx, P(), extra=np.ones(8, bool))
+
+
+def test_invariant_grads_bad_mode():
+  with pytest.raises(ValueError, match=r"invariant_grads must be one of \('error', 'summed'\)"):
+    ddp_jax.sync_gradients("data", invariant_grads="ignore")
+
+
+def test_partially_invariant_leaf_is_refused_in_summed_mode(mesh2x4):
+  """Varying over 'local' but not 'node': no single sum to divide."""
+  tx = ddp_jax.sync_gradients(("node", "local"), invariant_grads="summed")
+  params = {"w": jnp.ones((4, 3))}
+  state = ddp_jax.init_state(tx, params, mesh2x4, ("node", "local"))
+  specs = ddp_jax.state_specs(state, ("node", "local"))
+  fn = jax.jit(jax.shard_map(lambda s, g: tx.update({"w": g[0]}, s)[0], mesh=mesh2x4,
+                             in_specs=(specs, P("local")), out_specs=P()))
+  with pytest.raises(ValueError, match=r"leaf \['w'\] varies over some of the axes"):
+    fn(state, jax.device_put(np.ones((4, 4, 3), np.float32),
+                             jax.NamedSharding(mesh2x4, P("local"))))
+
+
+def test_value_and_grad_matches_jax_and_checks_its_axis(mesh8):
+  loss = lambda w, x: (jnp.sum(w * x) ** 2, x)  # noqa: E731
+  f = ddp_jax.value_and_grad(loss, "i", has_aux=True)
+  (v, aux), g = jax.vmap(f, axis_name="i")(jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3))
+  (v2, _), g2 = jax.vmap(jax.value_and_grad(loss, has_aux=True))(
+      jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(g, g2)
+  np.testing.assert_array_equal(v, v2)
+  g_only, aux_only = jax.vmap(ddp_jax.grad(loss, "i", has_aux=True), axis_name="i")(
+      jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3))
+  np.testing.assert_array_equal(g_only, g2)
+  with pytest.raises(ValueError, match=r"ddp_jax.value_and_grad: axis 'data' is not bound"):
+    ddp_jax.value_and_grad(lambda w: jnp.sum(w), "data")(jnp.ones(3))
+  with pytest.raises(TypeError, match="axis_name must be"):
+    ddp_jax.grad(lambda w: w, 0)
+
+
+def test_data_parallel_errors(mesh8):
+  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
+
+  def leaky(p, s, x):  # returns this replica's loss without reducing it
+    loss, g = ddp_jax.value_and_grad(lambda p, x: jnp.mean((x @ p) ** 2), "data")(p, x)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  p = jnp.ones(3)
+  state = ddp_jax.init_state(tx, p, mesh8, "data")
+  step = ddp_jax.data_parallel(leaky, mesh8, "data", batch_argnums=2)
+  with pytest.raises(ValueError, match=r"output \[2\] of DataParallelStep\(leaky.*differs per "
+                                       r"replica.*jax.lax.pmean\(loss, 'data'\)"):
+    step(p, state, np.ones((16, 3), np.float32))
+  with pytest.raises(ValueError, match=r"argument 2 leaf <root> is batch split over 'data' "
+                                       r"\(8 replicas\).*\(12, 3\)"):
+    step(p, state, np.ones((12, 3), np.float32))
+  with pytest.raises(ValueError, match=r"batch_argnums must name the positions"):
+    ddp_jax.data_parallel(leaky, mesh8, "data", batch_argnums=())
+  with pytest.raises(ValueError, match=r"axis 'batch' is not an axis of the mesh"):
+    ddp_jax.data_parallel(leaky, mesh8, "batch", batch_argnums=2)
+  powersgd = optax.chain(ddp_jax.sync_gradients("data", hook=hooks.powersgd(start_iter=0)),
+                         optax.sgd(0.1))
+  local_state = powersgd.init(jnp.ones((4, 3)))  # tx.init outside the mesh: one replica's
+  step = ddp_jax.data_parallel(lambda p, s, x: (p, s), mesh8, "data", batch_argnums=2)
+  with pytest.raises(ValueError, match=r"argument 1 leaf \[0\].hook_states\[0\]\['iter'\] is "
+                                       r"per-replica state.*\(1,\).*ddp_jax.init_state"):
+    step(jnp.ones((4, 3)), local_state, np.ones((8, 3), np.float32))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddp_jax import _pack
+from ddp_jax._axes import to_varying
 from ddp_jax._plan import BucketSpec
 
 
@@ -315,19 +316,7 @@ def as_varying(tree, axis_name):
   """Marks every array of ``tree`` as varying over ``axis_name`` under ``shard_map``
   (a no-op elsewhere), so ``lax.cond`` branches that return per-replica state from a
   collective (invariant) and from the input (varying) type-check alike."""
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-  def one(x):
-    vma = getattr(jax.typeof(x), "vma", frozenset()) if hasattr(jax, "typeof") else frozenset()
-    missing = tuple(n for n in names if n not in vma)
-    if not missing:
-      return x
-    try:
-      return jax.lax.pcast(x, missing, to="varying")
-    except (ValueError, NameError, AttributeError, AssertionError):  # not under shard_map
-      return x
-
-  return jax.tree.map(one, tree)
+  return to_varying(tree, axis_name)
 
 
 def all_gather(x, axis_name, **kwargs):
