@@ -51,14 +51,22 @@ def to_flax(d):
                      "Dense_1": {"kernel": d["w2"].T, "bias": d["b2"]}}}
 
 
-def torch_ddp(tmp_path, d, hook, lr, momentum):
-  inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
-  np.savez(inp, **d)
-  proc = subprocess.run([sys.executable, str(SCRIPT), str(inp), str(out), "--world", str(WORLD),
-                         "--hook", hook, "--lr", str(lr), "--momentum", str(momentum)],
-                        capture_output=True, text=True, timeout=300)
+# The two trainings the tests compare with: (seed, steps, hook, lr, momentum).
+JOBS = {"sgd_momentum": (0, 20, "allreduce", 0.1, 0.9), "fp16_step": (1, 1, "fp16", 1.0, 0.0)}
+
+
+@pytest.fixture(scope="module")
+def torch_ddp(tmp_path_factory):
+  """Runs every job of JOBS in one set of 4 DDP ranks (one torch start-up)."""
+  tmp = tmp_path_factory.mktemp("torch_ddp")
+  cmd = [sys.executable, str(SCRIPT), "--world", str(WORLD)]
+  for name, (seed, steps, hook, lr, momentum) in JOBS.items():
+    np.savez(tmp / f"{name}_in.npz", **setup(steps, seed))
+    cmd += ["--job", str(tmp / f"{name}_in.npz"), str(tmp / f"{name}_out.npz"), hook,
+            str(lr), str(momentum)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return to_flax(dict(np.load(out)))
+  return {name: to_flax(dict(np.load(tmp / f"{name}_out.npz"))) for name in JOBS}
 
 
 def ddp_jax_training(d, hook, lr, momentum):
@@ -78,13 +86,14 @@ def ddp_jax_training(d, hook, lr, momentum):
   return jax.tree.map(np.asarray, params)
 
 
-def test_sgd_momentum_training_equals_torch_ddp(tmp_path):
+def test_sgd_momentum_training_equals_torch_ddp(torch_ddp):
   """20 steps, default all-reduce. Both sides compute the same f32 math in different
   summation orders (~1e-7 relative per step); 1e-6 is a 10x margin, while the N x
   gradient of jax.grad on P() params would be off by ~1e-1."""
-  d = setup(steps=20)
-  theirs = torch_ddp(tmp_path, d, "allreduce", lr=0.1, momentum=0.9)
-  ours = ddp_jax_training(d, None, lr=0.1, momentum=0.9)
+  seed, steps, _, lr, momentum = JOBS["sgd_momentum"]
+  d = setup(steps, seed)
+  theirs = torch_ddp["sgd_momentum"]
+  ours = ddp_jax_training(d, None, lr=lr, momentum=momentum)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, theirs)
   start = to_flax(d)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ours),
@@ -98,17 +107,18 @@ def _f16_ulp(x):
                 - np.asarray(half, np.float32))
 
 
-def test_fp16_hook_step_equals_torch_ddp_to_f16_rounding(tmp_path):
+def test_fp16_hook_step_equals_torch_ddp_to_f16_rounding(torch_ddp):
   """One step of SGD (lr 1, no momentum): the update is minus the synced gradient, which
   DDP's fp16_compress_hook computes as the f16 sum of f16(g_r) / N. Both sides round the
   same terms in another order: each term's cast can land one f16 ulp apart (the f32
   gradients differ in their last bits), and each of the N - 1 additions rounds once on
   each side, so the results differ by at most (2N - 1) f16 ulps of sum_r |g_r| / N (not
   of the result, which can be a cancellation of larger terms)."""
-  d = setup(steps=1, seed=1)
+  seed, steps, _, lr, momentum = JOBS["fp16_step"]
+  d = setup(steps, seed)
   start = to_flax(d)
-  theirs = torch_ddp(tmp_path, d, "fp16", lr=1.0, momentum=0.0)
-  ours = ddp_jax_training(d, hooks.fp16_compress(), lr=1.0, momentum=0.0)
+  theirs = torch_ddp["fp16_step"]
+  ours = ddp_jax_training(d, hooks.fp16_compress(), lr=lr, momentum=momentum)
   x, y = d["xs"][0], d["ys"][0].astype(np.int32)
   per_rank = [jax.grad(loss_fn)(start, x[r * PER_RANK:(r + 1) * PER_RANK],
                                 y[r * PER_RANK:(r + 1) * PER_RANK]) for r in range(WORLD)]

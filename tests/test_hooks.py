@@ -190,15 +190,17 @@ def test_powersgd_rank_deficient_gradient_is_exact(rank, kind):
   orthonormal to ~1e-6 in f32, and a column within 4 n eps of the earlier ones is
   completed rather than kept, so the error is ~1e-5 of the gradient's scale."""
   rng = np.random.default_rng(rank)
+  shapes = [(32, 16), (64, 64), (128, 10), (7, 3), (300, 5)]
+  g = {}
+  for i, shape in enumerate(shapes):  # one leaf per shape, each compressed on its own
+    k = 1 if kind == "rank1" else max(1, min(rank, *shape) - 1)
+    g[f"l{i}"] = _rank_deficient(shape, kind, k, rng)
   hook = hooks.powersgd(rank=rank, start_iter=0, min_compression_rate=0)
   tx = ddp_jax.sync_gradients("i", hook=hook)
-  sync = jax.vmap(lambda x: tx.update({"w": x}, tx.init({"w": x}))[0]["w"], axis_name="i")
-  for shape in [(32, 16), (64, 64), (128, 10), (7, 3), (300, 5)]:
-    k = 1 if kind == "rank1" else max(1, min(rank, *shape) - 1)
-    g = _rank_deficient(shape, kind, k, rng)
-    out = sync(g)
-    want = g.astype(np.float64).mean(0)
-    np.testing.assert_allclose(np.asarray(out)[0], want, rtol=0,
+  out = jax.vmap(lambda x: tx.update(x, tx.init(x))[0], axis_name="i")(g)
+  for name, shape in zip(g, shapes):
+    want = g[name].astype(np.float64).mean(0)
+    np.testing.assert_allclose(np.asarray(out[name])[0], want, rtol=0,
                                atol=1e-5 * np.abs(want).max(), err_msg=f"{shape} {kind}")
 
 
