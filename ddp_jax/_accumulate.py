@@ -83,9 +83,12 @@ def accumulate(tx: optax.GradientTransformation, k: int, *,
           f"accumulate: participating must be this replica's scalar bool for the "
           f"micro-step, got {took_part.dtype}{list(took_part.shape)}.")
     took_part = took_part.astype(jnp.bool_)
-    acc = jax.tree.map(
-        lambda g, a: None if a is None else a + jnp.where(took_part, g, 0).astype(a.dtype),
-        updates, _replica.squeeze(state.acc), is_leaf=_is_none)
+    if participating is not None:  # an idle micro-step adds nothing
+      updates = jax.tree.map(
+          lambda g: jnp.where(took_part, g, jnp.zeros_like(g)) if is_communicated(g) else g,
+          updates)
+    acc = jax.tree.map(lambda g, a: None if a is None else a + g.astype(a.dtype),
+                       updates, _replica.squeeze(state.acc), is_leaf=_is_none)
     weight = _replica.squeeze(state.weight) + took_part.astype(jnp.int32)
     emit = state.mini_step == k - 1
 

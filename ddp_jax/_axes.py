@@ -51,10 +51,14 @@ def axis_size(axis_name, who: str) -> int:
 def varying_axes(x) -> frozenset:
   """The mesh axes ``x`` is typed as varying over (empty outside ``shard_map``)."""
   aval = jax.typeof(x)
-  vma = getattr(aval, "vma", None)  # jax <= 0.9
-  if vma is None:
-    mat = getattr(aval, "mat", None)  # jax 0.10: ManualAxisType(varying, unreduced, reduced)
-    vma = getattr(mat, "varying", None) or frozenset()
+  mat = getattr(aval, "mat", None)  # jax >= 0.10: ManualAxisType(varying, unreduced, reduced)
+  if mat is not None:
+    return frozenset(mat.varying)
+  vma = getattr(aval, "vma", None)  # jax 0.7-0.9
+  if vma is None:  # a jax that names it otherwise: fail loudly rather than check nothing
+    raise NotImplementedError(
+        f"ddp_jax cannot read shard_map's varying axes from {type(aval).__name__} in jax "
+        f"{jax.__version__} (no .mat or .vma); please report this with your jax version.")
   return frozenset(vma)
 
 

@@ -378,16 +378,16 @@ def sync_gradients(
           "with params shaped like the gradients.")
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
-    flag = count = weight = None
+    flag = count = weight = total = None
     if participating is not None:
       weight = _check_participating(participating)
       flag = weight > 0
       # One collective: [replicas taking part, total weight].
-      count, weight = lax.psum(jnp.stack([flag.astype(jnp.int32), weight]), axis_name)
+      count, total = lax.psum(jnp.stack([flag.astype(jnp.int32), weight]), axis_name)
     ctx = HookContext(axis_name, size, flag,
-                      None if weight is None else jnp.maximum(weight, 1),
+                      None if total is None else jnp.maximum(total, 1),
                       None if gradient_predivide_factor is None
-                      else float(gradient_predivide_factor))
+                      else float(gradient_predivide_factor), weight)
     leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
                           invariant_grads, participating)
     out = list(original)

@@ -38,9 +38,13 @@ class HookContext(NamedTuple):
       that does not participate hands in zeros; stateful hooks should leave
       their per-replica memory (residuals) unchanged on it.
     num_participating: the number of participating replicas (int32 scalar,
-      the same on every replica), else None.
+      the same on every replica), else None; with integer weights (see
+      :func:`~ddp_jax.sync_gradients`), their sum: what a mean divides by.
     predivide_factor: Horovod's ``gradient_predivide_factor`` f: averaging
       hooks divide by f before the sum and by ``divisor / f`` after it.
+    weight: this replica's weight (int32 scalar: 1 or 0 for a bool flag) when
+      the step was given ``participating=``, else None; for hooks that average
+      over part of the axis themselves.
   """
 
   axis_name: Any
@@ -48,6 +52,7 @@ class HookContext(NamedTuple):
   participating: Any = None
   num_participating: Any = None
   predivide_factor: float | None = None
+  weight: Any = None
 
   @property
   def divisor(self):

@@ -23,7 +23,7 @@ def post_local_sgd(start_iter: int, local_axis) -> CommHook:
   def mean_over(x, axis, ctx):
     if ctx.participating is None:
       return lax.psum(x, axis) / lax.psum(1, axis)
-    count = lax.psum(ctx.participating.astype(jnp.int32), axis)
+    count = lax.psum(ctx.weight, axis)  # the weights of this group's replicas
     return divide(lax.psum(x, axis), jnp.maximum(count, 1))
 
   def update_fn(bucket, state, ctx):
