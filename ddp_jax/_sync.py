@@ -216,6 +216,23 @@ def _per_replica(leaves: list, plan: BucketPlan, axis_name, size: int, invariant
   return out
 
 
+def _all_finite(leaves) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _nonfinite_policy(finite, old_state, new_state, reduced: tuple):
+  """A step whose gradients held a NaN or Inf on any replica (``finite`` is False on every
+  replica alike) leaves the hook state exactly as it was: an error-feedback residual,
+  PowerSGD's Q, counters and keys are not poisoned, and later steps equal a run that
+  never saw this one. The result stays non-finite, as DDP's all-reduce propagates it (so
+  ``optax.apply_if_finite`` and loss scaling see it): a hook whose output came out all
+  finite anyway (a quantizer, a sparsifier that did not pick the NaN) returns NaN."""
+  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
+  hid = jnp.logical_and(jnp.logical_not(finite), _all_finite(reduced))
+  reduced = tuple(jnp.where(hid, jnp.asarray(jnp.nan, x.dtype), x) for x in reduced)
+  return state, reduced
+
+
 def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -> SyncStats:
   costs = [wire_cost(hook, spec, world) for spec in plan.buckets]
   sent = float(sum(c.bytes for c in costs))
@@ -378,37 +395,49 @@ def sync_gradients(
           "with params shaped like the gradients.")
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
-    flag = count = weight = total = None
-    if participating is not None:
-      weight = _check_participating(participating)
-      flag = weight > 0
-      # One collective: [replicas taking part, total weight].
-      count, total = lax.psum(jnp.stack([flag.astype(jnp.int32), weight]), axis_name)
-    ctx = HookContext(axis_name, size, flag,
-                      None if total is None else jnp.maximum(total, 1),
-                      None if gradient_predivide_factor is None
-                      else float(gradient_predivide_factor), weight)
-    leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
-                          invariant_grads, participating)
-    out = list(original)
-    new_states = []
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
           f"sync_gradients: the state holds {len(state.hook_states)} bucket states, the plan "
           f"has {plan.num_buckets} buckets. Was it made with other bucket settings?")
+    leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
+                          invariant_grads, participating)
+    sent = [i for spec in plan.buckets for i in spec.leaf_indices]
+    # Replica-wide facts in one collective: [took part, weight, held a non-finite value].
+    facts = []
+    flag = weight = None
+    if participating is not None:
+      weight = _check_participating(participating)
+      flag = weight > 0
+      for i in sent:  # an idle replica adds zeros (and nothing non-finite)
+        leaves[i] = jnp.where(flag, leaves[i], jnp.zeros_like(leaves[i]))
+      facts += [flag.astype(jnp.int32), weight]
+    guard = any(jax.tree.leaves(s) for s in state.hook_states)  # stateful hooks
+    if guard and sent:
+      facts.append(jnp.logical_not(_all_finite([leaves[i] for i in sent])).astype(jnp.int32))
+    facts = list(lax.psum(jnp.stack(facts), axis_name)) if facts else []
+    count = total = None
+    if participating is not None:
+      count, total, facts = facts[0], facts[1], facts[2:]
+    finite = facts[0] == 0 if facts else None  # on every replica alike
+    ctx = HookContext(axis_name, size, flag,
+                      None if total is None else jnp.maximum(total, 1),
+                      None if gradient_predivide_factor is None
+                      else float(gradient_predivide_factor), weight)
+    out = list(original)
+    new_states = []
     for spec, hook_state in zip(plan.buckets, state.hook_states):
       _check_restored(spec, hook_state, hook)
-      bucket_leaves = [leaves[i] for i in spec.leaf_indices]
-      if flag is not None:
-        bucket_leaves = [jnp.where(flag, x, jnp.zeros_like(x)) for x in bucket_leaves]
-      bucket = GradBucket(spec, bucket_leaves,
+      bucket = GradBucket(spec, [leaves[i] for i in spec.leaf_indices],
                           _pack.operand_groups(spec, pack, ravel_below_bytes),
                           spec.index == plan.num_buckets - 1)
       local = _replica.squeeze(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
-      for i, leaf in zip(spec.leaf_indices, _as_leaves(reduced, bucket, hook)):
+      reduced = _as_leaves(reduced, bucket, hook)
+      if finite is not None:
+        new_local, reduced = _nonfinite_policy(finite, local, new_local, reduced)
+      for i, leaf in zip(spec.leaf_indices, reduced):
         out[i] = leaf.astype(original[i].dtype)
       new_states.append(_replica.expand(new_local))
     stats = _stats(plan, hook, size, state.stats.steps + 1, size if count is None else count)

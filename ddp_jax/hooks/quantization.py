@@ -151,7 +151,9 @@ def int8_allreduce() -> CommHook:
 
   A replica sends ``2 (N-1)/N x size`` bytes (plus 4 + 4N), a quarter of an f32 ring
   all-reduce, where DDP's all-gather protocol sends ``(N-1) x size``. Error per element:
-  at most ``scale / 2`` from each phase.
+  at most ``scale / 2`` from each phase. A NaN or Inf on any replica makes the whole
+  bucket NaN on every replica (an int8 level cannot carry it; scaling by an infinite
+  maximum would silently give zeros).
 
   Examples:
     >>> hook = int8_allreduce()
@@ -163,8 +165,11 @@ def int8_allreduce() -> CommHook:
     x = bucket.buffer().astype(jnp.float32)
     chunk = -(-bucket.size // n)
     x = jnp.pad(x, (0, n * chunk - bucket.size)).reshape(n, chunk)
-    amax = lax.pmax(jnp.max(jnp.abs(x)), ctx.axis_name)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    # NaN counts as Inf, so one replica's non-finite value reaches every replica's amax.
+    amax = jnp.max(jnp.abs(x))
+    amax = lax.pmax(jnp.where(jnp.isnan(amax), jnp.inf, amax), ctx.axis_name)
+    finite = jnp.isfinite(amax)
+    scale = jnp.where(jnp.logical_and(finite, amax > 0), amax / 127.0, 1.0)
     q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
     mine = lax.all_to_all(q, ctx.axis_name, 0, 0, tiled=True)  # (n, chunk): my chunk from all
     summed = jnp.sum(mine.astype(jnp.int32), axis=0).astype(jnp.float32) * scale
@@ -174,6 +179,7 @@ def int8_allreduce() -> CommHook:
     chunks = all_gather(q2, ctx.axis_name)  # (n, chunk)
     scales = all_gather(scale2, ctx.axis_name)  # (n,)
     total = (chunks.astype(jnp.float32) * scales[:, None]).reshape(-1)[: bucket.size]
+    total = jnp.where(finite, total, jnp.nan)  # never a finite answer to a NaN or Inf
     return divide(total, ctx.divisor).astype(bucket.dtype), state
 
   def wire_fn(spec, world):
