@@ -66,3 +66,98 @@ def test_nonfinite_steps_leave_state_and_later_steps_alone(name, mapping):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=name), got, want)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=name),
                state_seen.hook_states, state_clean.hook_states)
+
+
+# ---- value ranges and dtypes ---------------------------------------------------------------
+
+
+def _scaled(stacked, how):
+  """Per-replica gradients at a value range, chosen per leaf dtype: 'tiny' entries ~2**10
+  times the dtype's smallest normal (their squares underflow), 'huge' ~max / 2**6 / N
+  (their squares overflow; their sum does not), 'constant' one value per replica
+  (a rank-1 mean)."""
+  def one(x):
+    info = jnp.finfo(x.dtype)
+    x32 = np.asarray(x, np.float32)
+    if how == "tiny":
+      y = x32 * float(info.tiny) * 2**10
+    elif how == "huge":
+      y = x32 / np.abs(x32).max() * float(info.max) / 2**6 / x.shape[0]
+    elif how == "constant":
+      y = np.ones_like(x32) * np.arange(1, x.shape[0] + 1).reshape(-1, *[1] * (x.ndim - 1))
+    else:
+      y = x32
+    return jnp.asarray(y, x.dtype)
+  return jax.tree.map(one, stacked)
+
+
+RANGES = ("normal", "constant", "tiny", "huge")
+
+
+
+
+RANGES = ("normal", "constant", "tiny", "huge")
+
+# Where a hook cannot give the mean, by its design (DDP's too): what it gives instead.
+# fp16 on the wire: below f16's smallest value a gradient is lost, above its largest
+# the result is not finite; MinMaxObserver's eps (1.2e-7) floors the uint8 scale, so
+# gradients far below it quantize to zero.
+_LOST, _INF = "lost", "not finite"
+FP16_LIMITS = {"tiny": _LOST, "huge": _INF}
+RANGE_LIMITS = {
+    "fp16_compress": FP16_LIMITS, "fp16_wrapper_allgather": FP16_LIMITS,
+    "fp16_wrapper_powersgd": FP16_LIMITS, "error_feedback_fp16": FP16_LIMITS,
+    "by_path": {"tiny": _LOST, "huge": _INF, "exempt": ("bias", "scale")},  # fp16 but these
+    "quantize_per_tensor": {"tiny": _LOST}, "quantize_per_channel": {"tiny": _LOST},
+}
+
+
+def _check_range(name, how, got, g, tol):
+  limits = RANGE_LIMITS.get(name, {})
+  for key in ("kernel", "bias", "scale", "half"):
+    limit = None if key in limits.get("exempt", ()) else limits.get(how)
+    x = np.asarray(g[key], np.float64)
+    out = np.asarray(got[key], np.float64)[0]
+    scale = np.abs(x).max()
+    if limit == _LOST:
+      assert np.abs(out).max() <= 2**-24, (name, how, key)  # nothing above f16's smallest
+    elif limit == _INF:
+      assert not np.all(np.isfinite(out)), (name, how, key)
+    else:
+      # The hook's tolerance, the rounding of the result to its dtype, and XLA's flush of
+      # subnormals to zero (a few of the dtype's smallest normals, through a few products).
+      info = jnp.finfo(g[key].dtype)
+      bound = (tol + float(info.eps)) * scale + 16 * float(info.tiny)
+      err = np.abs(out - x.mean(0)).max()
+      assert err <= bound, (name, how, key, err / scale)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, tol) in HOOKS.items() if tol is not None))
+def test_value_ranges(name):
+  """Every averaging hook on every value range (normal, a rank-1 mean, entries near the
+  smallest normal, near the largest value), 2 replicas under shard_map, f32/bf16 leaves:
+  within its stated tolerance of the exact mean, or the documented limit of its design."""
+  factory, tol = HOOKS[name]
+  run, state = _shard_map_runner(ddp_jax.sync_gradients("data", hook=factory()), mesh_of(2))
+  base = per_device_grads(grads_tree(), 2, seed=7)
+  for how in RANGES:
+    g = _scaled(base, how)
+    out, _ = run(state, g)
+    _check_range(name, how, jax.tree.map(np.asarray, out), g, tol)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, tol) in HOOKS.items() if tol is not None))
+def test_float16_and_float64_buckets(name):
+  """f16 and f64 gradients (x64 on), 8 replicas under pmap: within the hook's tolerance
+  (plus the result's rounding) of the exact mean, and the dtypes kept."""
+  factory, tol = HOOKS[name]
+  with jax.enable_x64(True):
+    tree = {"kernel": jnp.zeros((24, 16), jnp.float64), "half": jnp.zeros((40,), jnp.float16)}
+    tx = ddp_jax.sync_gradients("data", hook=factory())
+    g = per_device_grads(tree, 8, seed=9)
+    out = jax.pmap(lambda x: tx.update(x, tx.init(x))[0], axis_name="data")(g)
+    for key in tree:
+      assert out[key].dtype == tree[key].dtype, (name, key)
+      x = np.asarray(g[key], np.float64)
+      bound = (tol + float(jnp.finfo(tree[key].dtype).eps)) * np.abs(x).max()
+      assert np.abs(np.asarray(out[key], np.float64) - x.mean(0)).max() <= bound, (name, key)

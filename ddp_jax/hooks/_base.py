@@ -112,6 +112,15 @@ def wire_cost(hook: CommHook, spec: BucketSpec, world_size: int) -> WireCost:
   return WireCost(*wire(spec, world_size))
 
 
+def float64():
+  """A context in which float64 arrays exist (``jax.enable_x64(True)``), for the few
+  steps that need a correctly rounded or wider computation inside a hook."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # older jax
+  return enable_x64()
+
+
 def divide(x, d):
   """``x / d`` in ``x``'s dtype, for a static or traced divisor."""
   if isinstance(d, (int, float)):
@@ -280,12 +289,31 @@ def segment_spread(values: jax.Array, spec: BucketSpec) -> jax.Array:
   return out.reshape(-1)[:spec.size]
 
 
+def _segment_reduce(x: jax.Array, spec: BucketSpec, reduce, segment_reduce) -> jax.Array:
+  """Per-leaf reductions of a raveled bucket by dense reductions over chunks (one masked
+  reduction per leaf end a chunk can hold) and a scatter of the few per-chunk parts: no
+  per-element scatter, no per-leaf slice. The mask fills with 0: right for sums, and for
+  maxima of non-negative values."""
+  t = _chunks(spec.lengths)
+  width = t.inner.shape[1]
+  if width > _MAX_WIDTH:
+    return jnp.stack([reduce(jax.lax.slice_in_dim(x, o, o + n), axis=0)
+                      for o, n in zip(spec.offsets, spec.lengths)])
+  blocks = _blocked(t, x)
+  if width:
+    local = _local_ids(t).reshape(*blocks.shape[:2], *(1,) * (x.ndim - 1))
+    parts = jnp.stack([reduce(jnp.where(local == j, blocks, 0), axis=1)
+                       for j in range(width + 1)], axis=1)
+  else:
+    parts = reduce(blocks, axis=1)[:, None]
+  leaf = _leaf_of_slot(t, len(spec.lengths)).reshape(-1)
+  return segment_reduce(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf),
+                        len(spec.lengths), indices_are_sorted=True)
+
+
 def segment_sum(x: jax.Array, spec: BucketSpec) -> jax.Array:
   """Per-leaf sums of a raveled bucket: ``x`` is ``(spec.size, ...)``, the result
   ``(num_leaves, ...)``, in ``x``'s dtype.
-
-  Dense reductions over chunks (one masked sum per leaf end a chunk can hold) and a scatter
-  of the few per-chunk partial sums: no per-element scatter, no per-leaf slice.
 
   Examples:
     >>> from ddp_jax import plan_buckets
@@ -293,21 +321,19 @@ def segment_sum(x: jax.Array, spec: BucketSpec) -> jax.Array:
     >>> segment_sum(jnp.arange(5.0), spec).tolist()
     [1.0, 9.0]
   """
-  t = _chunks(spec.lengths)
-  width = t.inner.shape[1]
-  if width > _MAX_WIDTH:
-    return jnp.stack([jnp.sum(jax.lax.slice_in_dim(x, o, o + n), axis=0)
-                      for o, n in zip(spec.offsets, spec.lengths)])
-  blocks = _blocked(t, x)
-  if width:
-    local = _local_ids(t).reshape(*blocks.shape[:2], *(1,) * (x.ndim - 1))
-    parts = jnp.stack([jnp.sum(jnp.where(local == j, blocks, 0), axis=1)
-                       for j in range(width + 1)], axis=1)
-  else:
-    parts = jnp.sum(blocks, axis=1)[:, None]
-  leaf = _leaf_of_slot(t, len(spec.lengths)).reshape(-1)
-  return jax.ops.segment_sum(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf),
-                             len(spec.lengths), indices_are_sorted=True)
+  return _segment_reduce(x, spec, jnp.sum, jax.ops.segment_sum)
+
+
+def segment_max_abs(x: jax.Array, spec: BucketSpec) -> jax.Array:
+  """Per-leaf ``max |x|`` of a raveled bucket (``(num_leaves, ...)``, ``x``'s dtype).
+
+  Examples:
+    >>> from ddp_jax import plan_buckets
+    >>> spec = plan_buckets({"a": jnp.zeros(3), "b": jnp.zeros(2)}).buckets[0]
+    >>> segment_max_abs(jnp.array([1.0, -4.0, 2.0, -3.0, 0.5]), spec).tolist()
+    [4.0, 3.0]
+  """
+  return _segment_reduce(jnp.abs(x), spec, jnp.max, jax.ops.segment_max)
 
 
 def to_leaves(reduced, bucket: GradBucket) -> tuple:

@@ -62,7 +62,7 @@ def schedule(stages: Mapping[int, CommHook]) -> CommHook:
         return leaves, as_varying(states[:i] + (new,) + states[i + 1:], ctx.axis_name)
       return run
 
-    index = jnp.sum(state["step"] >= jnp.asarray(starts)) - 1
+    index = jnp.sum(state["step"] >= jnp.asarray(starts, jnp.int32)) - 1
     if len(hooks) == 1:
       leaves, new_states = branch(0)(state["stages"])
     else:

@@ -70,6 +70,11 @@ def orthogonalize(matrices, epsilon: float = 0.0):
   """
   if jnp.finfo(matrices.dtype).bits <= 16:
     return orthogonalize(matrices.astype(jnp.float32), epsilon).astype(matrices.dtype)
+  # The basis (Gram-Schmidt's, or QR's Q) does not change when a column is scaled by a
+  # positive number: bring every column to entries of at most 1 first, so no squared
+  # norm underflows (gradients of 1e-35) or overflows (1e36).
+  peak = jnp.max(jnp.abs(matrices), axis=1, keepdims=True)
+  matrices = matrices / jnp.where(peak > 0, peak, 1)
   rank = matrices.shape[2]
   if rank > 2:
     if matrices.shape[0] == 1:
@@ -207,23 +212,41 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
       for i, part in zip(layout.uncompressed, parts):
         out[i] = part
     if layout.groups:
+      dtype = bucket.dtype
       mats = [jnp.stack([leaves[i].reshape(n, m) for i in g]) for g, n, m, r in layout.groups]
+      # 16-bit buckets: P, Q and the products are computed in f32 on the bucket divided by
+      # a shared maximum (one scalar pmax), and P and Q travel scaled by static factors to
+      # entries of at most 1, so nothing overflows f16 (gradients of 3e4 did: P = M Q).
+      # Orthogonalization ignores P's scale; Q's scale is undone on the result.
+      half = jnp.finfo(dtype).bits <= 16
+      shared = 1.0
+      if half:
+        amax = lax.pmax(jnp.max(jnp.abs(corrected.astype(jnp.float32))), ctx.axis_name)
+        shared = jnp.where(jnp.logical_and(jnp.isfinite(amax), amax > 0), amax, 1.0)
+        mats = [mat.astype(jnp.float32) / shared for mat in mats]
+      work = jnp.float32 if half else dtype
       fresh = jnp.logical_or(not warm_start, state["iter"] == start_iter)
       key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["iter"])
       # One draw per leaf (fold_in its index): batching by shape does not change Q.
       drawn = [jnp.stack([jax.random.normal(jax.random.fold_in(key, i), (m, r), q.dtype)
                           for i in g]) for (g, n, m, r), q in zip(layout.groups, state["qs"])]
-      qs = [orthogonalize(jnp.where(fresh, d, q), orthogonalization_epsilon)
+      qs = [orthogonalize(jnp.where(fresh, d, q), orthogonalization_epsilon).astype(work)
             for d, q in zip(drawn, state["qs"])]
       ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
-      p_all = lax.psum(_pack.ravel(ps), ctx.axis_name)  # summed: orthogonalized next
-      ps = [orthogonalize(p, orthogonalization_epsilon)
+      if half:  # |M q| <= sqrt(m) per replica, N replicas
+        ps = [p / (ctx.axis_size * math.sqrt(g[2])) for p, g in zip(ps, layout.groups)]
+      p_all = lax.psum(_pack.ravel(ps).astype(dtype), ctx.axis_name)  # summed: orthogonalized
+      ps = [orthogonalize(p, orthogonalization_epsilon).astype(work)
             for p in _pack.split_shapes(p_all, [p.shape for p in ps])]
       qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
-      q_all = _allreduce_mean(_pack.ravel(qs), ctx)
+      if half:  # |M^T p| <= sqrt(n)
+        qs = [q / math.sqrt(g[1]) for q, g in zip(qs, layout.groups)]
+      q_all = _allreduce_mean(_pack.ravel(qs).astype(dtype), ctx)
       qs = _pack.split_shapes(q_all, [q.shape for q in qs])
-      for (g, *_), p, q in zip(layout.groups, ps, qs):
-        approx = jnp.einsum("bnr,bmr->bnm", p, q)
+      for (g, n, *_), p, q in zip(layout.groups, ps, qs):
+        approx = jnp.einsum("bnr,bmr->bnm", p, q.astype(work))
+        if half:
+          approx = (approx * (shared * math.sqrt(n))).astype(dtype)
         for j, i in enumerate(g):
           out[i] = approx[j].reshape(bucket.shapes[i])
       new_qs = tuple(qs)

@@ -3,7 +3,6 @@ and ``int8_allreduce`` (shared scale, all-reduce that scales with world size).""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -16,6 +15,7 @@ from ddp_jax.hooks._base import (
   allreduce_bytes,
   check_real,
   divide,
+  float64,
 )
 
 QUANT_MIN, QUANT_MAX = 0, 255
@@ -27,13 +27,6 @@ def _no_state(spec):
   return ()
 
 
-def _x64():
-  if hasattr(jax, "enable_x64"):
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64  # older jax
-  return enable_x64()
-
-
 def exact_div(a, b):
   """``a / b`` correctly rounded in float32, as torch computes it.
 
@@ -41,7 +34,7 @@ def exact_div(a, b):
   division in the last bit for ~20% of inputs), which would change qparams and
   quantized values; dividing in float64 and rounding once gives the IEEE result.
   """
-  with _x64():
+  with float64():
     q = jnp.asarray(a).astype(jnp.float64) / jnp.asarray(b).astype(jnp.float64)
     return q.astype(jnp.float32)
 
@@ -111,19 +104,28 @@ def quantize_per_tensor() -> CommHook:
 def quantize_per_channel(channel_size: int = 512) -> CommHook:
   """DDP's ``quantization_perchannel_hook``: the raveled bucket zero-padded into rows of
   ``channel_size`` (as DDP: a full extra row when the length divides evenly), per-row
-  qparams as ``PerChannelMinMaxObserver``, all-gather protocol."""
+  qparams as ``PerChannelMinMaxObserver``, all-gather protocol.
+
+  A ``channel_size`` larger than a bucket is capped at the bucket's size: DDP would pad
+  the bucket to the full row (``channel_size=10**9`` allocated 1e9 elements per replica
+  for a 2,080-element bucket); the capped row has the same qparams, since the padding
+  is zeros and the observer's range always includes zero."""
   if isinstance(channel_size, bool) or not isinstance(channel_size, int) or channel_size < 1:
     raise ValueError(f"quantize_per_channel: channel_size must be an int >= 1, got "
                      f"{channel_size!r}.")
 
+  def row_of(size):
+    return min(channel_size, size)
+
   def rows_of(size):
-    return (size + channel_size - size % channel_size) // channel_size
+    row = row_of(size)
+    return (size + row - size % row) // row
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "quantize_per_channel")
     x = bucket.buffer().astype(jnp.float32)
-    rows = rows_of(bucket.size)
-    padded = jnp.pad(x, (0, rows * channel_size - bucket.size)).reshape(rows, channel_size)
+    rows, row = rows_of(bucket.size), row_of(bucket.size)
+    padded = jnp.pad(x, (0, rows * row - bucket.size)).reshape(rows, row)
     scale, zp = minmax_qparams(padded, axis=1)
     q = quantize(padded, scale[:, None], zp[:, None])
     total = _gather_and_average(q, jnp.stack([scale, zp]), ctx, lambda v: v[:, None])
@@ -132,7 +134,7 @@ def quantize_per_channel(channel_size: int = 512) -> CommHook:
 
   def wire_fn(spec, world):
     rows = rows_of(spec.size)
-    return WireCost(allgather_bytes(rows * channel_size + 8 * rows, world), 2)
+    return WireCost(allgather_bytes(rows * row_of(spec.size) + 8 * rows, world), 2)
 
   return CommHook(_no_state, update_fn, wire_fn)
 

@@ -59,13 +59,14 @@ def topk(ratio: float) -> CommHook:
     corrected = _corrected(bucket, state, ctx)
     _, idx = lax.top_k(jnp.abs(corrected), k_of(bucket.size))
     vals = corrected[idx]
-    local = jnp.zeros_like(corrected).at[idx].set(vals)
+    # What is not sent stays: the corrected bucket with the sent entries zeroed, in place
+    # (no dense copy of what was sent: temporaries stay under 2x the bucket).
+    unsent = corrected.at[idx].set(0)
     all_vals = all_gather(vals, ctx.axis_name).reshape(-1)
     all_idx = all_gather(idx, ctx.axis_name).reshape(-1)
     total = jnp.zeros(corrected.shape, corrected.dtype).at[all_idx].add(all_vals)
-    residual = _keep_if_idle(corrected - local, state, ctx)
-    return divide(total, ctx.divisor), {"residual": residual,
-                                        **quality(corrected, corrected - local)}
+    residual = _keep_if_idle(unsent, state, ctx)
+    return divide(total, ctx.divisor), {"residual": residual, **quality(corrected, unsent)}
 
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(k_of(spec.size) * (spec.dtype.itemsize + 4), world), 2)
