@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import ddp_jax
 from ddp_jax import hooks
-from tests.helpers import assert_mean, per_device_grads, pmap_updates, stepper
+from tests.helpers import assert_mean, per_device_grads, stepper
 
 # name -> (factory, tolerance against the exact mean, relative to max |grad|)
 HOOKS = {
@@ -69,7 +69,7 @@ def check_close(u, g, tol):
     assert_mean(a, b, rtol=0, atol=tol * scale + (1e-2 if b.dtype == jnp.bfloat16 else 0))
 
 
-@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("n", [8])  # 2: tests/test_numerics.py value ranges, 4: non-finite steps
 @pytest.mark.parametrize("name", sorted(HOOKS))
 def test_battery_shard_map(name, n):
   factory, tol = HOOKS[name]
@@ -79,16 +79,6 @@ def test_battery_shard_map(name, n):
   if name.startswith("error_feedback") or tol is None:
     return  # not a mean, or one that moves error between steps: see the tests below
   check_close(u, g, tol)
-
-
-@pytest.mark.parametrize("name", sorted(HOOKS))
-def test_battery_pmap(name):
-  factory, tol = HOOKS[name]
-  tx = ddp_jax.sync_gradients("data", hook=factory())
-  g = per_device_grads(grads_tree(), 8, seed=1)
-  u, state = pmap_updates(tx, g)
-  if tol is not None:
-    check_close(u, g, tol)
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))
@@ -581,7 +571,7 @@ def test_adasum_horovod_cases(size):
   """Horovod's data and criterion: |expected - result| / |expected| / 100 < eps(dtype)
   (float32 squared norms used to underflow: the stability cases were summed)."""
   tx = ddp_jax.sync_gradients("i", hook=hooks.adasum(replicated_output=False))
-  sync = jax.vmap(lambda x: tx.update(x, tx.init(x))[0]["w"], axis_name="i")
+  sync = jax.jit(jax.vmap(lambda x: tx.update(x, tx.init(x))[0]["w"], axis_name="i"))
   for name, dtype, per_rank, want in _horovod_cases(size):
     out = np.asarray(sync({"w": jnp.asarray(per_rank, dtype)}), np.float64)
     for r in range(size):
