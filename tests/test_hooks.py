@@ -744,3 +744,41 @@ def test_powersgd_rank4_batched_on_resnet50_shapes_finishes():
     pytest.fail("powersgd(rank=4, batched) did not finish within 180 s on 8 CPU devices")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "finished 161" in proc.stdout
+
+
+# ---- hooks.parse: command-line hook expressions, no eval -----------------------------------
+
+
+@pytest.mark.parametrize("expr", [
+    "fp16_compress", "powersgd(rank=2, start_iter=50)", "fp16_compress_wrapper(powersgd(rank=2))",
+    "schedule({0: allreduce(), 100: int8_allreduce()})", "compress_wrapper(allreduce(), 'float16')",
+    "by_path({'*bias*': allreduce()}, default=topk(0.1), small_below=1024)",
+])
+def test_parse_builds_hooks(expr):
+  assert isinstance(hooks.parse(expr), hooks.CommHook)
+
+
+@pytest.mark.parametrize("expr, match", [
+    ("allreduce.__globals__['__builtins__']['__import__']('os').system('true')", "is not a hook"),
+    ("__import__('os')", "'__import__' in .* is not a hook"),
+    ("topk(1/10)", "'1 / 10' .* is not allowed"),
+    ("powersgd(**{'rank': 2})", r"\*\* arguments are not allowed"),
+    ("topk(-0.1)", r"topk\(-0.1\): topk: ratio must be in"),
+    ("topk(", "is not a hook expression"),
+    ("allreduce", None), ("'text'", "is not a hook"),
+])
+def test_parse_refuses_code(expr, match):
+  """It used to eval: the first expression ran os.system through a hook's globals."""
+  if match is None:
+    hooks.parse(expr)
+    return
+  with pytest.raises(ValueError, match=match):
+    hooks.parse(expr)
+
+
+def test_parse_knows_every_hook_factory():
+  import inspect
+  factories = {n for n in hooks.__all__ if n != "parse" and inspect.isfunction(getattr(hooks, n))
+               and inspect.signature(getattr(hooks, n)).return_annotation in ("CommHook",
+                                                                               hooks.CommHook)}
+  assert factories == set(hooks.FACTORIES)
