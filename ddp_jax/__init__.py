@@ -13,9 +13,9 @@ from ddp_jax._distributed import (
 )
 from ddp_jax._grad import grad, value_and_grad
 from ddp_jax._plan import BucketPlan, BucketSpec, compute_bucket_assignment_by_size, plan_buckets
-from ddp_jax._replica import init_state, replicate, shard, state_specs
+from ddp_jax._replica import init_state, replicate, resize_state, shard, state_specs
 from ddp_jax._step import DataParallelStep, data_parallel
-from ddp_jax._sync import SyncState, SyncStats, describe, sync_gradients
+from ddp_jax._sync import SyncState, SyncStats, describe, sync_gradients, verify_sync
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "initialize",
     "sync_buffers",
     "verify_replicas",
+    "verify_sync",
     "BucketPlan",
     "BucketSpec",
     "SyncState",
@@ -45,6 +46,7 @@ __all__ = [
     "inspect",
     "plan_buckets",
     "replicate",
+    "resize_state",
     "shard",
     "state_specs",
     "sync_gradients",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import os
@@ -14,6 +15,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
 
+from ddp_jax import _faults
 from ddp_jax._axes import check_axis_name
 from ddp_jax._plan import path_str
 
@@ -179,6 +181,7 @@ def _as_int(name: str, value) -> int:
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, local_device_ids=None,
                timeout_s: int = 300, shutdown_timeout_s: int = 60,
+               collective_timeout_s: int | None = None, bind_address: str | None = None,
                cpu_collectives: str | None = "gloo", exit_on_error: bool = True) -> dict:
   """Joins this process to the others (``jax.distributed.initialize``), torchrun-style.
 
@@ -226,6 +229,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ValueError(
           f"ddp_jax.initialize: process_id {process_id} is not in [0, {num_processes}).")
+  if collective_timeout_s is None:
+    name, value = "DDP_JAX_COLLECTIVE_TIMEOUT", os.environ.get("DDP_JAX_COLLECTIVE_TIMEOUT")
+    collective_timeout_s = (_faults.DEFAULT_COLLECTIVE_TIMEOUT_S if value in (None, "")
+                            else _as_int(name, value))
+  _faults.check_timeout(collective_timeout_s)
+  kwargs = dict(local_device_ids=local_device_ids, initialization_timeout=timeout_s)
+  if coordinator_address is not None:  # every address checked before anything changes
+    host, port = _split_address(coordinator_address, "coordinator address")
+    bind_address = _with_port(
+        bind_address or os.environ.get("DDP_JAX_BIND_ADDRESS") or host, port)
+    bind_host, bind_port = _split_address(bind_address, "bind address")
+    kwargs["coordinator_bind_address"] = bind_address
+    if process_id == 0:
+      _check_port_free(bind_host, bind_port)
+  _faults.set_collective_timeout(collective_timeout_s)
   if cpu_collectives:  # only used by the CPU backend; harmless on GPUs
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if coordinator_address is not None and process_id not in (None, 0):
@@ -234,7 +252,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     print(f"[ddp_jax] process {process_id}/{num_processes}: joining {coordinator_address} "
           f"(up to {timeout_s} s; a DEADLINE_EXCEEDED abort from jax means a peer never "
           "arrived)", file=sys.stderr, flush=True)
-  kwargs = dict(local_device_ids=local_device_ids, initialization_timeout=timeout_s)
   if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
     kwargs["shutdown_timeout_seconds"] = shutdown_timeout_s
   try:
@@ -253,7 +270,50 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         "that the coordinator's port is reachable.") from e
   if exit_on_error:
     _exit_on_uncaught_exception()
+  atexit.register(_faults.mark_exit)  # runs before jax's shutdown (registered earlier)
   return _describe_processes()
+
+
+def _split_address(address: str, what: str) -> tuple[str, int]:
+  """``host:port`` (``[v6]:port``) -> (host, port), with a message that says what is wrong."""
+  host, sep, port = str(address).rpartition(":")
+  if not sep or not host or (":" in host and not host.startswith("[")):
+    raise ValueError(
+        f"ddp_jax.initialize: the {what} {address!r} is not host:port (e.g. 10.0.0.1:29500; "
+        "an IPv6 host in brackets, [::1]:29500).")
+  try:
+    number = int(port)
+  except ValueError:
+    number = -1
+  if not 1 <= number <= 65535:
+    raise ValueError(
+        f"ddp_jax.initialize: the port of the {what} {address!r} must be an integer in "
+        "1..65535.")
+  return host, number
+
+
+def _with_port(address: str, port: int) -> str:
+  """``address`` with ``port`` added when it has none (IPv6 hosts get brackets)."""
+  if address.startswith("["):
+    return address if "]:" in address else f"{address}:{port}"
+  if address.count(":") > 1:  # a bare IPv6 address
+    return f"[{address}]:{port}"
+  return address if ":" in address else f"{address}:{port}"
+
+
+def _check_port_free(host: str, port: int) -> None:
+  """Process 0: a clear error if the coordinator's port is taken (jax would crash)."""
+  import socket
+  family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    try:
+      s.bind((host.strip("[]"), port))
+    except OSError as e:
+      raise RuntimeError(
+          f"ddp_jax.initialize: process 0 cannot listen on {host}:{port} ({e.strerror}): "
+          "the port is in use (another run still going?) or the address is not this "
+          "machine's. Pick another --master-port, or let ddp-jax-run choose a free one."
+      ) from None
 
 
 def _wait_for_coordinator(address: str, timeout_s: float, num_processes, process_id) -> None:
@@ -281,6 +341,7 @@ def _exit_on_uncaught_exception() -> None:
 
   def hook(kind, value, tb):
     previous(kind, value, tb)
+    _faults.exit_handler_message(value)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

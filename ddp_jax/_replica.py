@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddp_jax import _faults
 from ddp_jax._axes import check_axis_name
 
 # class -> (per-replica field names, whether the fields carry the leading replica axis)
@@ -30,6 +31,10 @@ def register_per_replica(cls: type, fields: tuple[str, ...], leading_axis: bool 
   _PER_REPLICA[cls] = (tuple(fields), leading_axis)
   return cls
 
+
+# States whose per-replica arrays resize_state may rebuild (hook states: residuals and
+# replica-equal arrays); the others (local gradient sums) must be zero to resize.
+RESIZABLE: set[type] = set()
 
 # States of transformations that communicate (sync_gradients): a per-replica decision
 # around them (optax.apply_if_finite) would run their collectives on some replicas only.
@@ -137,6 +142,8 @@ def init_state(tx: optax.GradientTransformation | Any, params: Any, mesh: jax.sh
   if not callable(init):
     raise TypeError(f"init_state: tx must be an optax transformation or a function "
                     f"init(params) -> state, got {tx!r}.")
+  if jax.process_count() > 1:  # the same tree on every process, before any collective
+    _faults.agree("init_state", [_faults.tree_fingerprint(params)])
   specs = state_specs(jax.eval_shape(init, params), axis_name)
   fn = jax.shard_map(init, mesh=mesh, in_specs=(P(),), out_specs=specs)
   return jax.jit(fn)(replicate(params, mesh))
@@ -150,3 +157,64 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 def shard(tree: Any, mesh: jax.sharding.Mesh, axis_name) -> Any:
   """``device_put`` every leaf split along its leading axis over ``axis_name``."""
   return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
+
+
+def resize_state(state: Any, num_replicas: int) -> Any:
+  """An optimizer state saved with N replicas, laid out for ``num_replicas``.
+
+  For resuming a checkpoint on another number of devices. Per-replica arrays
+  (leading replica axis) are rebuilt host-side: error-feedback residuals (any
+  leaf whose path names ``residual``) become the mean of the saved ones on every
+  new replica, which keeps what they add to the averaged gradient
+  (``sum(r) / N``); every other per-replica array (PowerSGD's Q, step counters,
+  keys) is replica 0's, which equals the others'. Locally accumulated gradients
+  (:func:`accumulate`, ``optax.MultiSteps``) cannot be split: resize at an
+  accumulation boundary (they are zero there). Replicated state is unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ddp_jax
+    >>> tx = ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.topk(0.5))
+    >>> state = ddp_jax.resize_state(tx.init({"w": jnp.zeros(4)}), 3)
+    >>> state.hook_states[0]["residual"].shape
+    (3, 4)
+  """
+  import numpy as np
+  if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+    raise ValueError(f"resize_state: num_replicas must be an int >= 1, got {num_replicas!r}.")
+
+  def resized(cls, name, value, leading_axis):
+    def leaf(path, x):
+      where = f"{cls.__name__}.{name}{jax.tree_util.keystr(path)}"
+      x = np.asarray(x)
+      if not leading_axis or cls not in RESIZABLE:
+        if np.any(x):
+          raise ValueError(
+              f"resize_state: {where} holds gradients accumulated on each replica, which "
+              "cannot be split between another number of replicas; save and resize at an "
+              "accumulation boundary (every k-th step), where it is zero.")
+        if not leading_axis:
+          return x
+        return np.zeros((num_replicas, *x.shape[1:]), x.dtype)
+      if x.ndim == 0:
+        raise ValueError(f"resize_state: {where} has no replica axis.")
+      if "residual" in jax.tree_util.keystr(path):
+        mean = x.astype(np.float64).mean(axis=0) if x.dtype.kind == "f" else x[0]
+        row = np.asarray(mean).astype(x.dtype)
+      else:
+        row = x[0]
+      return np.broadcast_to(row, (num_replicas, *x.shape[1:])).copy()
+    return jax.tree_util.tree_map_with_path(leaf, value)
+
+  def node(x):
+    cls = type(x)
+    if cls not in _PER_REPLICA:
+      return x
+    fields, leading_axis = _PER_REPLICA[cls]
+    children = {}
+    for name in _field_names(x):
+      value = getattr(x, name)
+      children[name] = (resized(cls, name, value, leading_axis) if name in fields
+                        else resize_state(value, num_replicas))
+    return _replace(x, children)
+
+  return jax.tree.map(node, state, is_leaf=lambda x: type(x) in _PER_REPLICA)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddp_jax import _axes
+from ddp_jax import _axes, _faults
 from ddp_jax._plan import path_str
 from ddp_jax._replica import state_specs
 
@@ -44,6 +44,8 @@ class DataParallelStep:
     self.out_specs = out_specs
     self.donate_argnums = donate_argnums
     self._built: dict = {}
+    self._fingerprints: dict = {}  # build key -> the syncs' fingerprints, from tracing
+    self._agreed: set = set()
 
   def __repr__(self) -> str:
     name = getattr(self.step_fn, "__name__", repr(self.step_fn))
@@ -92,15 +94,25 @@ class DataParallelStep:
       specs.append(spec)
     return jax.tree_util.tree_unflatten(treedef, specs)
 
+  @staticmethod
+  def _key(args):
+    return tuple((jax.tree.structure(a), tuple((jnp.shape(x), jnp.result_type(x))
+                                              for x in jax.tree.leaves(a))) for a in args)
+
   def _build(self, args):
-    key = tuple((jax.tree.structure(a), tuple((jnp.shape(x), jnp.result_type(x))
-                                             for x in jax.tree.leaves(a))) for a in args)
+    key = self._key(args)
     if key not in self._built:
       in_specs = self._in_specs(args)
       self._check_shapes(args, in_specs)
       out_specs = (self._out_specs(args, in_specs) if self.out_specs is None
                    else self.out_specs)
-      fn = jax.shard_map(self.step_fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+      def traced(*local_args, key=key):
+        with _faults.collecting() as records:
+          out = self.step_fn(*local_args)
+        self._fingerprints[key] = records
+        return out
+
+      fn = jax.shard_map(traced, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
       self._built[key] = (in_specs, out_specs,
                           jax.jit(fn, donate_argnums=self.donate_argnums))
     return self._built[key]
@@ -137,7 +149,15 @@ class DataParallelStep:
 
   def __call__(self, *args):
     in_specs, _, fn = self._build(args)
-    return fn(*self._placed(args, in_specs))
+    placed = self._placed(args, in_specs)
+    key = self._key(args)
+    if key not in self._agreed and jax.process_count() > 1:
+      # Before the first collective of a new program: every process runs the same syncs.
+      if key not in self._fingerprints:
+        fn.trace(*placed)
+      _faults.agree("data_parallel", self._fingerprints.get(key, []))
+      self._agreed.add(key)
+    return fn(*placed)
 
   def lower(self, *args):
     """The jitted step lowered for ``args`` (``.compile()``, ``.as_text()``)."""

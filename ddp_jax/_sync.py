@@ -14,9 +14,17 @@ import numpy as np
 import optax
 from jax import lax
 
-from ddp_jax import _axes, _pack, _replica
+from ddp_jax import _axes, _faults, _pack, _replica
 from ddp_jax._plan import ORDERS, BucketPlan, bucket_limits, is_communicated, plan_buckets
-from ddp_jax.hooks._base import CommHook, GradBucket, HookContext, allreduce_bytes, wire_cost
+from ddp_jax.hooks._base import (
+    CommHook,
+    GradBucket,
+    HookContext,
+    allreduce_bytes,
+    hook_config,
+    is_hook,
+    wire_cost,
+)
 from ddp_jax.hooks.default import allreduce
 
 
@@ -46,17 +54,23 @@ class SyncState:
       replicas under ``shard_map``); use :func:`state_specs` for its specs.
     signature: static ``(path, shape, dtype)`` of the gradient leaves seen at
       ``init`` (dtype ``None`` for leaves that are not communicated).
+    tag: ``int32[buckets]``, a digest of the hook's configuration and each
+      bucket's layout: a checkpointed state restored into another hook or
+      layout is refused (at restore with ``flax.serialization``, at the first
+      step otherwise) instead of being reused.
   """
 
   hook_states: tuple
   stats: SyncStats
   signature: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  tag: Any = None  # int32[buckets]: which hook, configured how, made each bucket state
 
 
 jax.tree_util.register_dataclass(
-    SyncState, data_fields=["hook_states", "stats"], meta_fields=["signature"])
+    SyncState, data_fields=["hook_states", "stats", "tag"], meta_fields=["signature"])
 _replica.register_per_replica(SyncState, ("hook_states",))
 _replica.COMMUNICATING.add(SyncState)
+_replica.RESIZABLE.add(SyncState)
 
 
 def _register_flax_serialization() -> None:
@@ -65,12 +79,17 @@ def _register_flax_serialization() -> None:
 
   def to_dict(state):
     return {"hook_states": serialization.to_state_dict(state.hook_states),
-            "stats": serialization.to_state_dict(state.stats)}
+            "stats": serialization.to_state_dict(state.stats),
+            "tag": serialization.to_state_dict(state.tag)}
 
   def from_dict(target, d):
+    if "tag" in d and target.tag is not None:  # (checkpoints from before tags: no check)
+      check_tag(np.asarray(d["tag"]), np.asarray(target.tag), "restoring a checkpoint")
+    _check_replicas(d["hook_states"], target.hook_states)
     return SyncState(serialization.from_state_dict(target.hook_states, d["hook_states"]),
                      serialization.from_state_dict(target.stats, d["stats"]),
-                     target.signature)
+                     target.signature,
+                     serialization.from_state_dict(target.tag, d.get("tag", target.tag)))
 
   serialization.register_serialization_state(SyncState, to_dict, from_dict, override=True)
 
@@ -78,10 +97,55 @@ def _register_flax_serialization() -> None:
 _register_flax_serialization()
 
 
+def _tag(plan: BucketPlan, hook: CommHook) -> np.ndarray:
+  import hashlib
+  config = hook_config(hook)
+  return np.array([int.from_bytes(hashlib.blake2b(
+      f"{config}|{b.dtype}|{b.size}|{list(b.leaf_indices)}".encode(), digest_size=4).digest(),
+      "little", signed=True) for b in plan.buckets], np.int32)
+
+
+def check_tag(saved: np.ndarray, expected: np.ndarray, when: str) -> None:
+  """Raises if a state's tag is not the one this sync's hook and plan give."""
+  saved = np.asarray(saved).reshape(-1, *np.shape(expected))  # pmap: one row per device
+  if saved.shape[1:] != np.shape(expected) or not (saved == expected).all():
+    raise ValueError(
+        f"sync_gradients: {when}: the sync state was made by another hook, hook "
+        f"configuration or bucket layout than this sync's ({len(np.ravel(expected))} "
+        "buckets). Its error-feedback residuals or PowerSGD matrices would be reused by the "
+        "wrong hook. Restore it into the transformation that saved it, or start this hook's "
+        "state afresh from tx.init (or ddp_jax.init_state).")
+
+
+def _check_replicas(saved_states, target_states) -> None:
+  """A checkpoint saved with another number of replicas: say so, and how to resize."""
+  from flax import serialization
+  saved = jax.tree.leaves(saved_states)
+  target = jax.tree.leaves(serialization.to_state_dict(target_states))
+  for a, b in zip(saved, target):
+    if np.ndim(a) and np.ndim(b) and np.shape(a)[1:] == np.shape(b)[1:] \
+        and np.shape(a)[0] != np.shape(b)[0]:
+      raise ValueError(
+          f"sync_gradients: restoring a checkpoint: its hook state was saved with "
+          f"{np.shape(a)[0]} replicas, this state has {np.shape(b)[0]}. Resize it first: "
+          "state = ddp_jax.resize_state(saved_state, num_replicas) (error-feedback "
+          "residuals keep their mean; other hook state comes from replica 0).")
+
+
 def _signature(plan: BucketPlan) -> tuple:
   return tuple(
       (path, shape, dtype.name if is_communicated(jax.ShapeDtypeStruct(shape, dtype)) else None)
       for path, shape, dtype in zip(plan.leaf_paths, plan.leaf_shapes, plan.leaf_dtypes))
+
+
+def fingerprint(plan: BucketPlan, hook: CommHook, axis_name, size, settings: dict) -> dict:
+  """What a sync runs, as JSON-able text equal on processes that run the same thing:
+  its settings, hook configuration, gradient leaves and bucket layout."""
+  return {"axis": f"{axis_name!r}" + (f" ({size} replicas)" if size else ""),
+          **{k: repr(v) for k, v in settings.items()}, "hook": hook_config(hook),
+          "leaves": [f"{path} {dtype or 'not communicated'}{list(shape)}"
+                     for path, shape, dtype in _signature(plan)],
+          "buckets": [list(b.leaf_indices) for b in plan.buckets]}
 
 
 def _hook_name(hook: CommHook) -> str:
@@ -151,6 +215,22 @@ def _check_state(old, new, hook: CommHook, index: int) -> None:
         f"hook {_hook_name(hook)} on bucket {index} returned a state that does not "
         f"match the one it was given: {new_s} vs {old_s}. A hook must keep its "
         "state's structure, shapes and dtypes.")
+
+
+def _checked_tag(tag, expected: np.ndarray):
+  """The state's tag, checked on device: a mismatch raises when the step runs (a
+  state restored by other means than flax.serialization, e.g. orbax)."""
+  if tag is None or np.shape(tag) != expected.shape:
+    raise ValueError(
+        "sync_gradients: the state has no tag for this plan's "
+        f"{expected.size} buckets; it was not made by this sync's init.")
+
+  def fail(saved):
+    check_tag(saved, expected, "first step after a restore")
+
+  ok = jnp.all(tag == expected)
+  lax.cond(ok, lambda t: None, lambda t: jax.debug.callback(fail, t), tag)
+  return tag
 
 
 def _check_participating(participating):
@@ -343,7 +423,7 @@ def sync_gradients(
   if invariant_grads not in INVARIANT_GRADS:
     raise ValueError(
         f"invariant_grads must be one of {INVARIANT_GRADS}, got {invariant_grads!r}.")
-  if not (isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))):
+  if not is_hook(hook):
     raise TypeError(
         f"hook must be a CommHook(init, update), e.g. ddp_jax.hooks.allreduce(); "
         f"got {hook!r}.")
@@ -368,6 +448,10 @@ def sync_gradients(
   bucket_limits(bucket_cap_mb, first_bucket_cap_mb, bucket_caps_mb)  # validates the caps
   plan_kwargs = dict(bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=first_bucket_cap_mb,
                      order=order, bucket_indices=bucket_indices, bucket_caps_mb=bucket_caps_mb)
+  settings = dict(plan_kwargs, pack=pack, ravel_below_bytes=ravel_below_bytes,
+                  reduce_dtype=None if reduce_dtype is None else reduce_dtype.name,
+                  gradient_predivide_factor=gradient_predivide_factor,
+                  invariant_grads=invariant_grads)
 
   def cast(tree):
     if reduce_dtype is None:
@@ -377,7 +461,8 @@ def sync_gradients(
   def init_fn(params):
     plan = plan_buckets(jax.eval_shape(cast, params), **plan_kwargs)
     states = tuple(_replica.expand(hook.init(spec)) for spec in plan.buckets)
-    return SyncState(states, _stats(plan, hook, 1, 0, 0), _signature(plan))
+    return SyncState(states, _stats(plan, hook, 1, 0, 0), _signature(plan),
+                     jnp.asarray(_tag(plan, hook)))
 
   def update_fn(updates, state, params=None, participating=None, **extra_args):
     del params, extra_args
@@ -395,6 +480,7 @@ def sync_gradients(
           "with params shaped like the gradients.")
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
+    _faults.record(fingerprint(plan, hook, axis_name, size, settings))
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
           f"sync_gradients: the state holds {len(state.hook_states)} bucket states, the plan "
@@ -441,10 +527,12 @@ def sync_gradients(
         out[i] = leaf.astype(original[i].dtype)
       new_states.append(_replica.expand(new_local))
     stats = _stats(plan, hook, size, state.stats.steps + 1, size if count is None else count)
+    tag = _checked_tag(state.tag, _tag(plan, hook))
     return (jax.tree_util.tree_unflatten(plan.treedef, out),
-            SyncState(tuple(new_states), stats, state.signature))
+            SyncState(tuple(new_states), stats, state.signature, tag))
 
-  update_fn.ddp_config = dict(hook=hook, plan_kwargs=plan_kwargs, cast=cast, axis_name=axis_name)
+  update_fn.ddp_config = dict(hook=hook, plan_kwargs=plan_kwargs, cast=cast, axis_name=axis_name,
+                              settings=settings)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -489,3 +577,30 @@ def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
   text = head + plan.summary(wire=_wire_rows(plan, hook, world))
   print(text)
   return text
+
+
+def verify_sync(tx, grads) -> None:
+  """Checks every process plans the same sync: settings, hook, leaves, buckets.
+
+  Collective over processes (call it on all, before the first step). The
+  :func:`data_parallel` step does this by itself on its first call; call this
+  one when you jit your own ``shard_map`` step. Host-side (the coordination
+  service), so a mismatch raises on every process, naming the field and the
+  process, instead of hanging or aborting inside a collective.
+
+  Args:
+    tx: the transformation made by :func:`sync_gradients`.
+    grads: the gradient tree (arrays or ``jax.ShapeDtypeStruct``), e.g. the params.
+
+  Examples:
+    >>> import jax.numpy as jnp, ddp_jax
+    >>> ddp_jax.verify_sync(ddp_jax.sync_gradients("data"), {"w": jnp.zeros(3)})
+  """
+  config = getattr(getattr(tx, "update", None), "ddp_config", None)
+  if config is None:
+    raise TypeError(
+        "verify_sync: pass the transformation returned by ddp_jax.sync_gradients (not a "
+        f"chain around it); got {type(tx).__name__}.")
+  plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
+  _faults.agree("verify_sync", [fingerprint(plan, config["hook"], config["axis_name"], None,
+                                            config["settings"])])

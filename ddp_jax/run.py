@@ -8,12 +8,16 @@ Each child gets ``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (and ``DDP_JAX_*`` twins) for
 ``ddp_jax.initialize()``; ``--cpu-devices K`` gives each child K fake CPU devices.
 Output lines are prefixed with the child's rank. If a child fails, the others are
-stopped and the launcher exits with its code, naming the rank; Ctrl-C stops all.
+stopped and the launcher exits with its code, naming the rank (and the rank that
+stopped making progress, when a collective timed out, or that ended early); Ctrl-C,
+SIGTERM and SIGHUP stop all (TERM, then KILL after ``--grace-s``). A collective waits
+at most ``--collective-timeout`` seconds for a peer (default 300).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -30,6 +34,11 @@ def parse_args(argv=None):
   p.add_argument("--node-rank", type=int, default=0)
   p.add_argument("--master-addr", default="127.0.0.1")
   p.add_argument("--master-port", type=int, default=None, help="default: a free port")
+  p.add_argument("--bind-address", default=None,
+                 help="where the coordinator (rank 0) listens; default: --master-addr only")
+  p.add_argument("--collective-timeout", type=int, default=None, metavar="SECONDS",
+                 help="how long a collective waits for a peer before every rank fails "
+                      "(default: $DDP_JAX_COLLECTIVE_TIMEOUT or 300)")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="fake CPU devices per process (XLA_FLAGS), for CPU runs")
   p.add_argument("--grace-s", type=float, default=5.0,
@@ -45,6 +54,14 @@ def parse_args(argv=None):
     p.error(f"--node-rank must be in [0, {args.nnodes})")
   if args.nnodes > 1 and args.master_port is None:
     p.error("--master-port is required with --nnodes > 1 (every node must use the same)")
+  if args.master_port is not None and not 1 <= args.master_port <= 65535:
+    p.error(f"--master-port must be in 1..65535, got {args.master_port}")
+  if args.cpu_devices is not None and args.cpu_devices < 1:
+    p.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+  if args.collective_timeout is not None and args.collective_timeout < 1:
+    p.error(f"--collective-timeout must be >= 1 second, got {args.collective_timeout}")
+  if args.grace_s < 0:
+    p.error(f"--grace-s must be >= 0, got {args.grace_s}")
   return args
 
 
@@ -54,10 +71,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _pump(stream, prefix: str, out) -> None:
+STALLED, LEFT_EARLY = "[ddp_jax] stalled: ", "[ddp_jax] left early: "  # as in _faults
+
+
+def _pump(stream, prefix: str, out, verdicts: dict) -> None:
   for line in iter(stream.readline, ""):
     out.write(prefix + line)
     out.flush()
+    for marker in (STALLED, LEFT_EARLY):  # a rank's verdict after a failed collective
+      if line.startswith(marker):
+        verdicts[marker].update(int(r) for r in line[len(marker):].strip().split(",") if r)
   stream.close()
 
 
@@ -71,6 +94,10 @@ def child_env(args, local_rank: int, port: int) -> dict:
              DDP_JAX_COORDINATOR=f"{args.master_addr}:{port}",
              DDP_JAX_NUM_PROCESSES=str(world), DDP_JAX_PROCESS_ID=str(rank),
              DDP_JAX_LOCAL_RANK=str(local_rank), PYTHONUNBUFFERED="1")
+  if args.collective_timeout is not None:
+    env["DDP_JAX_COLLECTIVE_TIMEOUT"] = str(args.collective_timeout)
+  if args.bind_address is not None:
+    env["DDP_JAX_BIND_ADDRESS"] = args.bind_address
   if args.cpu_devices:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                         + f" --xla_force_host_platform_device_count={args.cpu_devices}")
@@ -78,22 +105,26 @@ def child_env(args, local_rank: int, port: int) -> dict:
   return env
 
 
+class _Stop(Exception):
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   port = args.master_port or free_port()
   cmd = [sys.executable, "-u"] + (["-m", args.script] if args.module else [args.script])
   cmd += args.script_args
-  procs, pumps = [], []
+  procs, pumps, verdicts = [], [], {STALLED: set(), LEFT_EARLY: set()}
   width = len(str(args.nnodes * args.nproc_per_node - 1))
-  for local_rank in range(args.nproc_per_node):
-    env = child_env(args, local_rank, port)
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    procs.append((int(env["RANK"]), p))
-    t = threading.Thread(target=_pump, args=(p.stdout, f"[{env['RANK']:>{width}}] ",
-                                              sys.stdout), daemon=True)
-    t.start()
-    pumps.append(t)
+
+  def on_signal(signum, frame):
+    raise _Stop(signum)
+
+  handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+  t0 = time.monotonic()
+  ended = {}  # rank -> (code, seconds since start), in the order they ended
 
   def stop_all(sig=signal.SIGTERM):
     for _, p in procs:
@@ -102,39 +133,74 @@ def main(argv=None) -> int:
           os.killpg(p.pid, sig)
         except ProcessLookupError:
           pass
-    deadline = time.time() + args.grace_s
+    deadline = time.monotonic() + args.grace_s
     for _, p in procs:
       try:
-        p.wait(timeout=max(0.0, deadline - time.time()))
+        p.wait(timeout=max(0.0, deadline - time.monotonic()))
       except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
   failed = None
   try:
+    for local_rank in range(args.nproc_per_node):
+      env = child_env(args, local_rank, port)
+      p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+      procs.append((int(env["RANK"]), p))
+      t = threading.Thread(target=_pump, args=(p.stdout, f"[{env['RANK']:>{width}}] ",
+                                                sys.stdout, verdicts), daemon=True)
+      t.start()
+      pumps.append(t)
     while True:
       running = False
       for rank, p in procs:
         code = p.poll()
         if code is None:
           running = True
-        elif code != 0 and failed is None:
+          continue
+        if rank not in ended:
+          ended[rank] = (code, time.monotonic() - t0)
+        if code != 0 and failed is None:
           failed = (rank, code)
       if failed or not running:
         break
       time.sleep(0.05)
-  except KeyboardInterrupt:
-    print("ddp-jax-run: interrupted, stopping all ranks", file=sys.stderr)
-    stop_all(signal.SIGINT)
-    return 130
+  except (KeyboardInterrupt, _Stop) as e:
+    signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
+    name = signal.Signals(signum).name
+    print(f"ddp-jax-run: {name} received: interrupted, stopping all ranks", file=sys.stderr,
+          flush=True)
+    stop_all(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    return 128 + signum
+  finally:
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
   if failed:
     rank, code = failed
-    print(f"ddp-jax-run: rank {rank} exited with code {code}; stopping the other ranks",
-          file=sys.stderr)
+    time.sleep(0.3)  # the failing rank's last lines (its verdict) are still being pumped
+    why = _blame(rank, ended, verdicts)
+    print(f"ddp-jax-run: rank {rank} exited with code {code}{why}; stopping the other ranks",
+          file=sys.stderr, flush=True)
     stop_all()
   for t in pumps:
     t.join(timeout=2)
   return failed[1] if failed and failed[1] > 0 else (1 if failed else 0)
+
+
+def _blame(rank: int, ended: dict, verdicts: dict) -> str:
+  """Why ``rank`` failed, when another rank is the cause."""
+  early = {r: f"ended with code 0 {t:.1f} s into the run" for r, (code, t) in ended.items()
+           if code == 0 and r != rank}
+  early.update({r: "ended its script" for r in verdicts[LEFT_EARLY] - set(early) - {rank}})
+  parts = [f"rank {r} {what} while the others still ran: it left early"
+           for r, what in sorted(early.items())]
+  stalled = sorted(verdicts[STALLED] - set(early) - {rank})
+  if stalled:
+    parts.append(f"rank {', '.join(map(str, stalled))} stopped making progress (never "
+                 "reached the collective that failed)")
+  return f" ({'; '.join(parts)})" if parts else ""
 
 
 def main_cli() -> None:

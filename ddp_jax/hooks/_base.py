@@ -102,6 +102,57 @@ class CommHook(NamedTuple):
   init: Callable[[BucketSpec], Any]
   update: Callable[[Any, Any, HookContext], tuple[Any, Any]]
   wire: Callable[[BucketSpec, int], WireCost] | None = None
+  config: str | None = None  # e.g. "powersgd(rank=2, ...)": set by @configured factories
+
+
+def is_hook(hook) -> bool:
+  """A ``CommHook``, or a tuple ``(init, update[, wire])`` of functions."""
+  if isinstance(hook, CommHook):
+    return callable(hook.init) and callable(hook.update)
+  return isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))
+
+
+def hook_config(hook) -> str:
+  """What a hook is, as text equal on every process for equal hooks: the factory call
+  that made it (``powersgd(rank=2, start_iter=1000, ...)``), else its update function's
+  name."""
+  config = getattr(hook, "config", None)
+  if config:
+    return config
+  update = hook[1]
+  name = getattr(update, "__qualname__", None) or type(update).__name__
+  return f"{getattr(update, '__module__', '?')}.{name.split('.<locals>')[0]}"
+
+
+def _config_arg(value) -> str:
+  if isinstance(value, tuple) and is_hook(value):
+    return hook_config(value)
+  if isinstance(value, dict):
+    return "{" + ", ".join(f"{k!r}: {_config_arg(v)}" for k, v in value.items()) + "}"
+  if isinstance(value, (list, tuple)):
+    return "[" + ", ".join(map(_config_arg, value)) + "]"
+  if callable(value):
+    return getattr(value, "__qualname__", type(value).__name__)
+  return repr(value)
+
+
+def configured(factory):
+  """Decorates a hook factory so that its hooks carry their configuration (``config``):
+  the factory's name and every argument, defaults included. Checkpoints and the
+  cross-process check compare it."""
+  import inspect
+
+  signature = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def make(*args, **kwargs):
+    hook = factory(*args, **kwargs)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    text = ", ".join(f"{k}={_config_arg(v)}" for k, v in bound.arguments.items())
+    return CommHook(*tuple(hook)[:3], config=f"{factory.__name__}({text})")
+
+  return make
 
 
 def wire_cost(hook: CommHook, spec: BucketSpec, world_size: int) -> WireCost:

@@ -14,6 +14,7 @@ from ddp_jax.hooks._base import (
   WireCost,
   allreduce_bytes,
   check_real,
+  configured,
   segment_max_abs,
   segment_spread,
   segment_sum,
@@ -80,6 +81,7 @@ def _group_spec(spec, group):
                              paths=pick(spec.paths), shapes=pick(spec.shapes))
 
 
+@configured
 def adasum(replicated_output: bool = True) -> CommHook:
   """Horovod's Adasum reduction, per leaf, by recursive doubling over the axis.
 

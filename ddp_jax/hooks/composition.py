@@ -11,21 +11,24 @@ from jax import lax
 
 from ddp_jax import _pack
 from ddp_jax.hooks._base import (
-    CommHook,
-    GradBucket,
-    WireCost,
-    as_varying,
-    to_leaves,
-    wire_cost,
+  CommHook,
+  GradBucket,
+  WireCost,
+  as_varying,
+  configured,
+  is_hook,
+  to_leaves,
+  wire_cost,
 )
 from ddp_jax.hooks.default import allreduce
 
 
 def _check_hook(hook, where):
-  if not (isinstance(hook, tuple) and len(hook) in (2, 3) and all(map(callable, hook[:2]))):
+  if not is_hook(hook):
     raise TypeError(f"{where} must be a CommHook, got {hook!r}.")
 
 
+@configured
 def schedule(stages: Mapping[int, CommHook]) -> CommHook:
   """Switches hooks on a step schedule inside one jitted step.
 
@@ -76,6 +79,7 @@ def schedule(stages: Mapping[int, CommHook]) -> CommHook:
   return CommHook(init_fn, update_fn, wire_fn)
 
 
+@configured
 def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
             small_below: int = 0, small: CommHook | None = None) -> CommHook:
   """Per-leaf policy: leaves whose path matches a pattern (``fnmatch``, first match wins)

@@ -6,10 +6,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ddp_jax.hooks._base import CommHook, check_real, to_leaves, wire_cost
+from ddp_jax.hooks._base import CommHook, check_real, configured, to_leaves, wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
+@configured
 def compress_wrapper(hook: CommHook, dtype) -> CommHook:
   """Runs ``hook`` on a ``dtype`` copy of the bucket and casts the result back.
 
@@ -44,22 +45,26 @@ def compress_wrapper(hook: CommHook, dtype) -> CommHook:
   return CommHook(init_fn, update_fn, wire_fn)
 
 
+@configured
 def fp16_compress_wrapper(hook: CommHook) -> CommHook:
   """``compress_wrapper(hook, jnp.float16)``."""
   return compress_wrapper(hook, jnp.float16)
 
 
+@configured
 def bf16_compress_wrapper(hook: CommHook) -> CommHook:
   """``compress_wrapper(hook, jnp.bfloat16)``."""
   return compress_wrapper(hook, jnp.bfloat16)
 
 
+@configured
 def fp16_compress() -> CommHook:
   """DDP's ``fp16_compress_hook``: cast to f16, divide by world size, all-reduce in f16,
   cast back. (On XLA:CPU an f16 all-reduce stays f16: half the bytes.)"""
   return compress_wrapper(allreduce(divide="before"), jnp.float16)
 
 
+@configured
 def bf16_compress() -> CommHook:
   """DDP's ``bf16_compress_hook``. Note: XLA's CPU compiler promotes bf16 all-reduces
   to f32, so on CPU this saves no bytes on the wire (it does on GPUs)."""

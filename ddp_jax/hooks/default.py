@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes
+from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes, configured
 from ddp_jax.hooks._base import divide as _div
 
 
@@ -17,6 +17,7 @@ def _no_state(spec):
 DIVIDE = ("auto", "before", "after")
 
 
+@configured
 def allreduce(divide: str = "auto") -> CommHook:
   """The default hook: the bucket summed over the axis with ``psum``, divided by its size.
 
@@ -62,6 +63,7 @@ def _silent(spec, world_size):
   return (0, 0)
 
 
+@configured
 def noop() -> CommHook:
   """No communication: returns the local bucket (measures compute-only time)."""
 
@@ -72,6 +74,7 @@ def noop() -> CommHook:
   return CommHook(_no_state, update_fn, _silent)
 
 
+@configured
 def allgather_then_aggregate() -> CommHook:
   """All-gather every replica's bucket, average locally (DDP's ``allgather_then_aggregate``).
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import CommHook, no_quality, quality, to_leaves, wire_cost
+from ddp_jax.hooks._base import CommHook, configured, no_quality, quality, to_leaves, wire_cost
 
 
+@configured
 def error_feedback(hook: CommHook) -> CommHook:
   """Wraps a lossy hook with a per-replica residual, as PyTorch's PowerSGD does it.
 

@@ -8,17 +8,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax.hooks._base import (
-    CommHook,
-    GradBucket,
-    HookContext,
-    WireCost,
-    all_gather,
-    reduce_scatter_bytes,
-    to_leaves,
-    wire_cost,
+  CommHook,
+  GradBucket,
+  HookContext,
+  WireCost,
+  all_gather,
+  configured,
+  is_hook,
+  reduce_scatter_bytes,
+  to_leaves,
+  wire_cost,
 )
 
 
+@configured
 def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "local",
                  local_size: int) -> CommHook:
   """Reduce-scatter inside the node, ``hook`` across nodes on the 1/L shard, all-gather
@@ -38,7 +41,7 @@ def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "
   """
   if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
     raise ValueError(f"hierarchical: local_size must be an int >= 1, got {local_size!r}.")
-  if not (isinstance(hook, tuple) and len(hook) in (2, 3)):
+  if not is_hook(hook):
     raise TypeError(f"hierarchical: hook must be a CommHook, got {hook!r}.")
 
   def shard_spec(spec):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, as_varying, divide
+from ddp_jax.hooks._base import CommHook, as_varying, configured, divide
 
 
+@configured
 def post_local_sgd(start_iter: int, local_axis) -> CommHook:
   """Global all-reduce until ``start_iter``, then all-reduce only within ``local_axis``
   (e.g. the devices of one node on a ``("node", "local")`` mesh). Replicas of different

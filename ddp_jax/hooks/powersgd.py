@@ -21,6 +21,7 @@ from ddp_jax.hooks._base import (
   allreduce_bytes,
   as_varying,
   check_real,
+  configured,
   divide,
   no_quality,
   quality,
@@ -164,6 +165,7 @@ def _allreduce_mean(x, ctx):
   return divide(lax.psum(x, ctx.axis_name), ctx.divisor)
 
 
+@configured
 def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float = 2,
              use_error_feedback: bool = True, warm_start: bool = True,
              orthogonalization_epsilon: float = 0.0, seed: int = 0,
@@ -281,6 +283,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
   return CommHook(init_fn, update_fn, wire_fn)
 
 
+@configured
 def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: bool = True,
                      warm_start: bool = True, orthogonalization_epsilon: float = 0.0,
                      seed: int = 0) -> CommHook:

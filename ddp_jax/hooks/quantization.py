@@ -14,6 +14,7 @@ from ddp_jax.hooks._base import (
   allgather_bytes,
   allreduce_bytes,
   check_real,
+  configured,
   divide,
   float64,
 )
@@ -74,6 +75,7 @@ def _gather_and_average(q, qparams, ctx, shape_fn):
   return total
 
 
+@configured
 def quantize_per_tensor() -> CommHook:
   """DDP's ``quantization_pertensor_hook``: per-worker uint8 min/max qparams, all-gather of
   qparams and quantized buckets, dequantize each worker's part, average.
@@ -101,6 +103,7 @@ def quantize_per_tensor() -> CommHook:
   return CommHook(_no_state, update_fn, wire_fn)
 
 
+@configured
 def quantize_per_channel(channel_size: int = 512) -> CommHook:
   """DDP's ``quantization_perchannel_hook``: the raveled bucket zero-padded into rows of
   ``channel_size`` (as DDP: a full extra row when the length divides evenly), per-row
@@ -139,6 +142,7 @@ def quantize_per_channel(channel_size: int = 512) -> CommHook:
   return CommHook(_no_state, update_fn, wire_fn)
 
 
+@configured
 def int8_allreduce() -> CommHook:
   """Quantized all-reduce whose traffic does not grow with world size: int8 both ways.
 

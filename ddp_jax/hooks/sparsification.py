@@ -14,6 +14,7 @@ from ddp_jax.hooks._base import (
   all_gather,
   allgather_bytes,
   check_real,
+  configured,
   divide,
   no_quality,
   quality,
@@ -40,6 +41,7 @@ def _keep_if_idle(residual, state, ctx):
   return jnp.where(ctx.participating, residual, state["residual"])
 
 
+@configured
 def topk(ratio: float) -> CommHook:
   """Top-k sparsification with error feedback: each replica sends its ``ceil(ratio x size)``
   largest-magnitude corrected entries (values and int32 indices, all-gathered); the rest
@@ -94,6 +96,7 @@ def signed_scale_sum(bits, scales, ids, size):
   return total
 
 
+@configured
 def sign_compress() -> CommHook:
   """1-bit sign compression with error feedback (EF-signSGD, 1-bit Adam style): each
   replica sends its corrected bucket's signs packed 8 per byte and one scale per leaf (the
