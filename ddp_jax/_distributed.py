@@ -72,12 +72,36 @@ def sync_buffers(buffers: Any, axis_name, how: str = "broadcast") -> Any:
 def broadcast_from_process0(tree: Any) -> Any:
   """Host level: every process gets process 0's values (multi-process start-up).
 
-  A thin wrapper of ``jax.experimental.multihost_utils.broadcast_one_to_all``
-  that first checks the tree matches across processes (a mismatch would hang
-  or fail obscurely inside the collective).
+  Checks first that the tree matches across processes (a mismatch would hang or fail
+  obscurely inside the collective), then moves it in one collective per dtype: the
+  leaves are concatenated into one flat buffer each (``broadcast_one_to_all`` of the
+  tree as it is compiles a program with one operand per leaf and pays one gloo call
+  per leaf). Returns host (numpy) arrays, like ``broadcast_one_to_all``.
   """
   verify_replicas(tree)
-  return multihost_utils.broadcast_one_to_all(tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  if jax.process_count() == 1:
+    return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+  hosts = [np.asarray(x) for x in leaves]
+  groups: dict[str, list[int]] = {}
+  for i, h in enumerate(hosts):
+    groups.setdefault(h.dtype.str, []).append(i)
+  flat = {}
+  for key, idx in groups.items():
+    parts = [hosts[i].ravel() for i in idx]
+    buf = np.concatenate(parts) if parts else np.zeros((0,), np.dtype(key))
+    flat[key] = buf.view(np.uint8) if buf.dtype == np.bool_ else buf
+  out = multihost_utils.broadcast_one_to_all(flat)
+  result = [None] * len(hosts)
+  for key, idx in groups.items():
+    buf = np.asarray(out[key])
+    buf = buf.view(np.bool_) if np.dtype(key) == np.bool_ else buf
+    start = 0
+    for i in idx:
+      n = hosts[i].size
+      result[i] = buf[start:start + n].reshape(hosts[i].shape)
+      start += n
+  return jax.tree.unflatten(treedef, result)
 
 
 def _digest(text: bytes) -> np.ndarray:

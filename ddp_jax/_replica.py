@@ -149,14 +149,56 @@ def init_state(tx: optax.GradientTransformation | Any, params: Any, mesh: jax.sh
   return jax.jit(fn)(replicate(params, mesh))
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts every leaf of ``tree`` on its sharding (a tree of ``Sharding``s, or one).
+
+  Arrays already placed so are kept; in one process this is ``jax.device_put``. Across
+  processes, host values (numpy, uncommitted arrays) are placed from each process's
+  own copy with ``jax.make_array_from_callback``: nothing crosses the network, where
+  ``jax.device_put`` would gather every array from every process to check they are
+  equal (N x the tree's bytes on every link). The equality check is kept, as
+  digests: :func:`~ddp_jax.verify_replicas` with ``check_values`` (16 bytes a leaf).
+  """
+  import numpy as np
+  multi = jax.process_count() > 1
+
+  def from_host(x, sharding) -> bool:  # placed from this process's copy, no gather
+    if not multi or sharding.is_fully_addressable:
+      return False
+    if isinstance(x, jax.Array) and (x.sharding.is_equivalent_to(sharding, x.ndim)
+                                     or not x.is_fully_addressable):
+      return False  # placed already, or a global array (resharded, nothing to check)
+    return not (hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    if not from_host(x, sharding):
+      return jax.device_put(x, sharding)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  def each(fn):
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: fn(x, sharding), sub),
+                        shardings, tree, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+  host = each(lambda x, sharding: np.asarray(x) if from_host(x, sharding) else None)
+  if jax.tree.leaves(host):  # the same values on every process, checked by digest
+    from ddp_jax._distributed import verify_replicas
+    verify_replicas(host, check_values=True)
+  return each(one)
+
+
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """``device_put`` every leaf fully replicated (``P()``) over ``mesh``."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Every leaf fully replicated (``P()``) over ``mesh`` (see :func:`place`: across
+  processes, from each process's own copy, checked equal by digest)."""
+  return place(tree, NamedSharding(mesh, P()))
 
 
 def shard(tree: Any, mesh: jax.sharding.Mesh, axis_name) -> Any:
-  """``device_put`` every leaf split along its leading axis over ``axis_name``."""
-  return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
+  """Every leaf split along its leading axis over ``axis_name`` (each process must
+  hold the same global array; see :func:`place`)."""
+  return place(tree, NamedSharding(mesh, P(axis_name)))
 
 
 def resize_state(state: Any, num_replicas: int) -> Any:

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddp_jax import _axes, _faults
 from ddp_jax._plan import path_str
-from ddp_jax._replica import state_specs
+from ddp_jax._replica import place, state_specs
 
 
 def _is_spec(x) -> bool:
@@ -139,12 +139,8 @@ class DataParallelStep:
       jax.tree_util.tree_map_with_path(check, specs, arg, is_leaf=_is_spec)
 
   def _placed(self, args, in_specs):
-    def place(spec, x):
-      sharding = NamedSharding(self.mesh, spec)
-      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-        return x
-      return jax.device_put(x, sharding)
-    return tuple(jax.tree.map(place, specs, arg, is_leaf=_is_spec)
+    return tuple(place(arg, jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                                         is_leaf=_is_spec))
                  for specs, arg in zip(in_specs, args))
 
   def __call__(self, *args):

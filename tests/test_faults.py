@@ -83,6 +83,30 @@ def test_ranks_configured_differently_fail_naming_the_difference(what, says):
   assert elapsed < 60, elapsed
 
 
+@pytest.mark.multiprocess
+def test_broadcast_and_unequal_parameters():
+  """broadcast_from_process0 moves the tree in one collective per dtype (mixed dtypes,
+  bools, scalars, empty leaves); init_state places each process's own copy (no gather of
+  the tree) and refuses copies that differ, naming the leaf."""
+  import json
+  proc, _ = launch("--nproc-per-node", "2", "--cpu-devices", "1", str(SCRIPT), "broadcast")
+  assert proc.returncode == 0, _tail(proc)
+  results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+             if "RESULT " in line]
+  dtypes = [json.loads(line.split("DTYPES ", 1)[1]) for line in proc.stdout.splitlines()
+            if "DTYPES " in line]
+  assert len(results) == 2 and results[0] == results[1]
+  assert results[0] == {"f": [[1.5, 1.5]] * 3, "i": [0, 1, 2, 3], "b": [True, True, False],
+                        "h": [0.0, 0.0], "s": 7.0, "e": []}
+  assert dtypes[0] == {"f": "float32", "i": "int32", "b": "bool", "h": "float16",
+                       "s": "float32", "e": "float32"}
+  proc, _ = launch("--nproc-per-node", "2", "--cpu-devices", "1", "--grace-s", "1",
+                   str(SCRIPT), "unequal")
+  assert proc.returncode != 0
+  assert "verify_replicas: leaf ['b'] has different values on process" in proc.stdout, \
+      _tail(proc)
+
+
 def _sleeper(tmp_path):
   script = tmp_path / "sleeper.py"
   script.write_text("import os, time\n"

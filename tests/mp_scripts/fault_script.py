@@ -34,6 +34,19 @@ if rank == 1 and mode.startswith("mismatch_"):  # rank 1 differs in one thing
     tree["c"] = np.ones((9,), np.float32)
 
 
+if mode == "broadcast":  # mixed dtypes, scalars, bools: process 0's values everywhere
+  import json
+  mine = {"f": np.full((3, 2), 1.5 + rank, np.float32), "i": np.arange(4, dtype=np.int32) * (rank + 1),
+          "b": np.array([True, rank == 0, False]), "h": np.full((2,), rank, np.float16),
+          "s": np.float32(7 + rank), "e": np.zeros((0, 3), np.float32)}
+  got = ddp_jax.broadcast_from_process0(mine)
+  print("RESULT " + json.dumps({k: np.asarray(v).tolist() for k, v in got.items()}), flush=True)
+  print("DTYPES " + json.dumps({k: str(np.asarray(v).dtype) for k, v in got.items()}), flush=True)
+  sys.exit(0)
+if mode == "unequal":  # forgot to broadcast: init_state refuses (digests, no array gather)
+  tree["b"] = tree["b"] + rank
+
+
 def loss_fn(p, x):
   return sum(jnp.sum(v) for v in jax.tree.leaves(p)) * jnp.mean(x)
 

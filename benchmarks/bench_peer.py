@@ -1,0 +1,247 @@
+"""ddp_jax against PyTorch DDP itself: the same parameter shapes, processes and gloo.
+
+    python benchmarks/bench_peer.py                          # 4 processes, ResNet-50 shapes
+    python benchmarks/bench_peer.py --processes 2 --tree bert_base --hooks allreduce fp16
+
+Both sides train a model whose parameters have the tree's shapes and whose loss is
+``sum(p * c)`` (``c`` fixed per rank), so the gradient is known and the forward/backward
+costs next to nothing: what is measured is the data-parallel machinery. Per hook
+(``allreduce``, ``fp16``, ``powersgd`` rank 4 from the first step), each side reports:
+
+- **first step**: construct (DDP's constructor; ddp_jax's ``broadcast_from_process0`` +
+  ``init_state``) + the first iteration (ddp_jax: trace, compile and run);
+- **sync cost**: a step minus the same step without communication, timed back to back
+  (DDP: under ``no_sync()``; ddp_jax: ``hooks.noop()``), median over ``--steps``.
+
+Torch and ddp_jax run as separate ``ddp-jax-run`` launches (1 CPU device per process),
+alternating for ``--rounds`` rounds. Skipped with a message when torch is not installed.
+Writes benchmarks/out/peer_<tree>_<N>proc.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+HOOKS = ("allreduce", "fp16", "powersgd")
+
+
+def shapes(tree_name):
+  sys.path.insert(0, str(HERE))
+  import jax
+  import trees
+  leaves = jax.tree.leaves(getattr(trees, tree_name)())
+  return [tuple(x.shape) for x in leaves]
+
+
+def gather_max(values, backend):
+  if backend == "torch":
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values))).max(0).tolist()
+
+
+def run_torch(tree_name, hook, steps):
+  import numpy as np
+  import torch
+  import torch.distributed as dist
+  from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+  from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+  from torch.nn.parallel import DistributedDataParallel as DDP
+
+  dist.init_process_group("gloo")
+  rank = dist.get_rank()
+  torch.set_num_threads(1)
+  shp = shapes(tree_name)
+  rng = np.random.default_rng(rank)
+  model = torch.nn.ParameterList(
+      [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
+       for s in shp])
+  consts = [torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in shp]
+
+  class Model(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.params = model
+
+    def forward(self):
+      return sum((p * c).sum() for p, c in zip(self.params, consts))
+
+  module = Model()
+  dist.barrier()
+  t0 = time.perf_counter()
+  ddp = DDP(module)
+  if hook == "fp16":
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+  elif hook == "powersgd":
+    state = psgd.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2,
+                               min_compression_rate=2, use_error_feedback=True,
+                               warm_start=True)
+    ddp.register_comm_hook(state, psgd.powerSGD_hook)
+  construct = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  ddp().backward()
+  first = time.perf_counter() - t1
+  for _ in range(3):  # PowerSGD compresses from its 2nd iteration on (its minimum)
+    ddp().backward()
+  synced, local = [], []
+  for _ in range(steps):
+    dist.barrier()
+    t = time.perf_counter()
+    ddp().backward()
+    synced.append(time.perf_counter() - t)
+    dist.barrier()
+    t = time.perf_counter()
+    with ddp.no_sync():
+      ddp().backward()
+    local.append(time.perf_counter() - t)
+  cost = float(np.median(np.asarray(synced) - np.asarray(local)))
+  out = gather_max([construct, first, cost], "torch")
+  dist.destroy_process_group()
+  return rank, out
+
+
+def run_jax(tree_name, hook, steps):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import ddp_jax
+  info = ddp_jax.initialize()
+  rank = info["process_id"]
+  shp = shapes(tree_name)
+  rng = np.random.default_rng(rank)
+  params = [rng.standard_normal(s).astype(np.float32) for s in shp]
+  consts = [rng.standard_normal(s).astype(np.float32) for s in shp]
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  hooks = {"allreduce": ddp_jax.hooks.allreduce(), "fp16": ddp_jax.hooks.fp16_compress(),
+           "powersgd": ddp_jax.hooks.powersgd(rank=4, start_iter=0)}
+
+  def make(h):
+    tx = optax.chain(ddp_jax.sync_gradients("data", hook=h), optax.sgd(0.0))
+
+    def step(p, s, c):
+      g = ddp_jax.grad(lambda p, c: sum(jnp.sum(a * b[0]) for a, b in zip(p, c)), "data")(p, c)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
+
+  c = ddp_jax.global_batch([x[None] for x in consts], mesh)
+  ddp_jax.verify_replicas({})
+  t0 = time.perf_counter()
+  tx, step = make(hooks[hook])
+  p = ddp_jax.broadcast_from_process0(params)
+  s = ddp_jax.init_state(tx, p, mesh, "data")
+  jax.block_until_ready(s)
+  construct = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  p, s = jax.block_until_ready(step(p, s, c))
+  first = time.perf_counter() - t1
+  tx0, step0 = make(ddp_jax.hooks.noop())
+  s0 = ddp_jax.init_state(tx0, p, mesh, "data")
+  p0, s0 = jax.block_until_ready(step0(p, s0, c))
+  for _ in range(3):
+    p, s = jax.block_until_ready(step(p, s, c))
+  synced, local = [], []
+  for _ in range(steps):
+    ddp_jax.verify_replicas({})
+    t = time.perf_counter()
+    p, s = jax.block_until_ready(step(p, s, c))
+    synced.append(time.perf_counter() - t)
+    ddp_jax.verify_replicas({})
+    t = time.perf_counter()
+    p0, s0 = jax.block_until_ready(step0(p0, s0, c))
+    local.append(time.perf_counter() - t)
+  cost = float(np.median(np.asarray(synced) - np.asarray(local)))
+  return rank, gather_max([construct, first, cost], "jax")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--processes", type=int, default=4)
+  p.add_argument("--tree", default="resnet50")
+  p.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--out", default=str(HERE / "out"))
+  p.add_argument("--child", nargs=3, metavar=("BACKEND", "HOOK", "FILE"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.child:
+    backend, hook, path = args.child
+    rank, row = (run_torch if backend == "torch" else run_jax)(args.tree, hook, args.steps)
+    if rank == 0:
+      Path(path).write_text(json.dumps(row))
+    return 0
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    print("bench_peer: skipped (torch is not installed: pip install torch==2.13.0)")
+    return 0
+  os.makedirs(args.out, exist_ok=True)
+  stem = Path(args.out) / f"peer_{args.tree}_{args.processes}proc"
+  env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}
+  rows: dict = {}
+  for rnd in range(args.rounds):
+    for hook in args.hooks:
+      for backend in ("torch", "jax"):
+        tmp = Path(f"{stem}.{backend}.{hook}.tmp")
+        code = subprocess.run(
+            [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
+             "--cpu-devices", "1", __file__, "--tree", args.tree, "--steps", str(args.steps),
+             "--child", backend, hook, str(tmp)], env=env, capture_output=True,
+            text=True)
+        if code.returncode:
+          print(code.stdout[-3000:], code.stderr[-2000:])
+          return code.returncode
+        construct, first, cost = json.loads(tmp.read_text())
+        tmp.unlink()
+        rows.setdefault((hook, backend), []).append(
+            {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost})
+        print(f"round {rnd} {hook:9s} {backend:5s} construct {construct:6.2f} s  first "
+              f"iteration {first:6.2f} s  sync cost {cost * 1e3:8.1f} ms", flush=True)
+
+  def med(hook, backend, key):
+    import statistics
+    return statistics.median(r[key] for r in rows[(hook, backend)])
+
+  lines = [f"ddp_jax vs torch {__import__('torch').__version__} DDP, {args.tree} shapes, "
+           f"{args.processes} processes x 1 CPU device, gloo over loopback; medians of "
+           f"{args.rounds} alternating rounds", "",
+           "| hook | | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
+  report = {"tree": args.tree, "processes": args.processes, "rows": []}
+  for hook in args.hooks:
+    t_first = med(hook, "torch", "construct_s") + med(hook, "torch", "first_iter_s")
+    j_first = med(hook, "jax", "construct_s") + med(hook, "jax", "first_iter_s")
+    t_cost, j_cost = med(hook, "torch", "sync_cost_s"), med(hook, "jax", "sync_cost_s")
+    lines.append(f"| {hook} | first step (construct + first iteration) | {t_first:.2f} s "
+                 f"({med(hook, 'torch', 'construct_s'):.2f} + "
+                 f"{med(hook, 'torch', 'first_iter_s'):.2f}) | {j_first:.2f} s "
+                 f"({med(hook, 'jax', 'construct_s'):.2f} + "
+                 f"{med(hook, 'jax', 'first_iter_s'):.2f}) | {j_first / t_first:.2f}x |")
+    lines.append(f"| {hook} | sync cost per step | {t_cost * 1e3:.0f} ms | "
+                 f"{j_cost * 1e3:.0f} ms | {j_cost / t_cost:.2f}x |")
+    report["rows"].append({"hook": hook, "torch_first_s": t_first, "jax_first_s": j_first,
+                           "torch_sync_s": t_cost, "jax_sync_s": j_cost,
+                           "runs": {b: rows[(hook, b)] for b in ("torch", "jax")}})
+  text = "\n".join(lines)
+  Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+  Path(f"{stem}.md").write_text(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
