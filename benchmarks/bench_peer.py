@@ -117,6 +117,7 @@ def run_jax(tree_name, hook, steps):
   import jax.numpy as jnp
   import numpy as np
   import optax
+  from jax.sharding import PartitionSpec as P
 
   import ddp_jax
   info = ddp_jax.initialize()
@@ -129,7 +130,7 @@ def run_jax(tree_name, hook, steps):
   hooks = {"allreduce": ddp_jax.hooks.allreduce(), "fp16": ddp_jax.hooks.fp16_compress(),
            "powersgd": ddp_jax.hooks.powersgd(rank=4, start_iter=0)}
 
-  def make(h):
+  def make(h, out_specs=None):
     tx = optax.chain(ddp_jax.sync_gradients("data", hook=h), optax.sgd(0.0))
 
     def step(p, s, c):
@@ -137,7 +138,7 @@ def run_jax(tree_name, hook, steps):
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
-    return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
+    return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2, out_specs=out_specs)
 
   c = ddp_jax.global_batch([x[None] for x in consts], mesh)
   ddp_jax.verify_replicas({})
@@ -150,9 +151,12 @@ def run_jax(tree_name, hook, steps):
   t1 = time.perf_counter()
   p, s = jax.block_until_ready(step(p, s, c))
   first = time.perf_counter() - t1
-  tx0, step0 = make(ddp_jax.hooks.noop())
+  # The same step without communication: its parameters differ per replica, so they
+  # come out concatenated (P("data")) and are not fed back.
+  tx0, _ = make(ddp_jax.hooks.noop())
   s0 = ddp_jax.init_state(tx0, p, mesh, "data")
-  p0, s0 = jax.block_until_ready(step0(p, s0, c))
+  _, step0 = make(ddp_jax.hooks.noop(), (P("data"), ddp_jax.state_specs(s0, "data")))
+  jax.block_until_ready(step0(p, s0, c))
   for _ in range(3):
     p, s = jax.block_until_ready(step(p, s, c))
   synced, local = [], []
@@ -163,7 +167,7 @@ def run_jax(tree_name, hook, steps):
     synced.append(time.perf_counter() - t)
     ddp_jax.verify_replicas({})
     t = time.perf_counter()
-    p0, s0 = jax.block_until_ready(step0(p0, s0, c))
+    jax.block_until_ready(step0(p, s0, c))
     local.append(time.perf_counter() - t)
   cost = float(np.median(np.asarray(synced) - np.asarray(local)))
   return rank, gather_max([construct, first, cost], "jax")

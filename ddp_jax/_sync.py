@@ -170,7 +170,9 @@ def _describe(entry) -> str:
   return f"{path} {dtype or 'not communicated'}{list(shape)}"
 
 
-def _as_leaves(reduced, bucket: GradBucket, hook: CommHook) -> tuple:
+def _as_leaves(reduced, bucket: GradBucket, hook: CommHook, split: bool = True):
+  """A hook's result checked: a flat bucket-shaped array (split into leaves, unless
+  ``split`` is False) or one array per leaf."""
   where = f"hook {_hook_name(hook)} on bucket {bucket.index} ({bucket.paths[0]} ...)"
   if hasattr(reduced, "shape") and hasattr(reduced, "dtype"):
     if tuple(reduced.shape) != (bucket.size,) or reduced.dtype != bucket.dtype:
@@ -178,7 +180,7 @@ def _as_leaves(reduced, bucket: GradBucket, hook: CommHook) -> tuple:
           f"{where} returned an array of {reduced.dtype}{list(reduced.shape)}; a flat "
           f"result must be {bucket.dtype.name}[{bucket.size}] (the layout of "
           "bucket.buffer()).")
-    return tuple(_pack.split(reduced, bucket.spec))
+    return tuple(_pack.split(reduced, bucket.spec)) if split else reduced
   if not isinstance(reduced, (tuple, list)) or len(reduced) != len(bucket.leaves):
     raise ValueError(
         f"{where} returned {type(reduced).__name__}"
@@ -300,7 +302,7 @@ def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _nonfinite_policy(finite, old_state, new_state, reduced: tuple):
+def _nonfinite_policy(finite, old_state, new_state, reduced):
   """A step whose gradients held a NaN or Inf on any replica (``finite`` is False on every
   replica alike) leaves the hook state exactly as it was: an error-feedback residual,
   PowerSGD's Q, counters and keys are not poisoned, and later steps equal a run that
@@ -308,9 +310,10 @@ def _nonfinite_policy(finite, old_state, new_state, reduced: tuple):
   ``optax.apply_if_finite`` and loss scaling see it): a hook whose output came out all
   finite anyway (a quantizer, a sparsifier that did not pick the NaN) returns NaN."""
   state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, old_state)
-  hid = jnp.logical_and(jnp.logical_not(finite), _all_finite(reduced))
-  reduced = tuple(jnp.where(hid, jnp.asarray(jnp.nan, x.dtype), x) for x in reduced)
-  return state, reduced
+  flat = not isinstance(reduced, tuple)  # one check and one select for a flat result
+  hid = jnp.logical_and(jnp.logical_not(finite), _all_finite([reduced] if flat else reduced))
+  nan = lambda x: jnp.where(hid, jnp.asarray(jnp.nan, x.dtype), x)  # noqa: E731
+  return state, (nan(reduced) if flat else tuple(map(nan, reduced)))
 
 
 def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -> SyncStats:
@@ -520,9 +523,11 @@ def sync_gradients(
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
-      reduced = _as_leaves(reduced, bucket, hook)
+      reduced = _as_leaves(reduced, bucket, hook, split=False)
       if finite is not None:
         new_local, reduced = _nonfinite_policy(finite, local, new_local, reduced)
+      if not isinstance(reduced, tuple):
+        reduced = tuple(_pack.split(reduced, bucket.spec))
       for i, leaf in zip(spec.leaf_indices, reduced):
         out[i] = leaf.astype(original[i].dtype)
       new_states.append(_replica.expand(new_local))
