@@ -14,7 +14,10 @@ costs next to nothing: what is measured is the data-parallel machinery. Per hook
   (DDP: under ``no_sync()``; ddp_jax: ``hooks.noop()``), median over ``--steps``.
 
 Torch and ddp_jax run as separate ``ddp-jax-run`` launches (1 CPU device per process),
-alternating for ``--rounds`` rounds. Skipped with a message when torch is not installed.
+alternating for ``--rounds`` rounds; ddp_jax twice, with an empty persistent compilation
+cache (a first start) and with the cache that run filled (a restart). A launch that does
+not finish in ``--timeout`` seconds is reported as such. Skipped with a message when
+torch is not installed.
 Writes benchmarks/out/peer_<tree>_<N>proc.{json,md}.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -179,7 +183,8 @@ def main(argv=None) -> int:
   p.add_argument("--tree", default="resnet50")
   p.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
   p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=1)
+  p.add_argument("--timeout", type=int, default=240, help="seconds per launch")
   p.add_argument("--out", default=str(HERE / "out"))
   p.add_argument("--child", nargs=3, metavar=("BACKEND", "HOOK", "FILE"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -198,48 +203,70 @@ def main(argv=None) -> int:
   stem = Path(args.out) / f"peer_{args.tree}_{args.processes}proc"
   env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}
   rows: dict = {}
+  cache = Path(args.out) / "peer_compilation_cache"
   for rnd in range(args.rounds):
     for hook in args.hooks:
-      for backend in ("torch", "jax"):
-        tmp = Path(f"{stem}.{backend}.{hook}.tmp")
-        code = subprocess.run(
-            [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
-             "--cpu-devices", "1", __file__, "--tree", args.tree, "--steps", str(args.steps),
-             "--child", backend, hook, str(tmp)], env=env, capture_output=True,
-            text=True)
+      shutil.rmtree(cache, ignore_errors=True)
+      # torch; ddp_jax with an empty compilation cache (a first start), then again with
+      # the cache the first run filled (a restart after a failure).
+      for backend, label in (("torch", "torch"), ("jax", "jax"), ("jax", "jax_restart")):
+        tmp = Path(f"{stem}.{label}.{hook}.tmp")
+        cmd = [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
+               "--cpu-devices", "1", "--compilation-cache", str(cache), __file__, "--tree",
+               args.tree, "--steps", str(args.steps), "--child", backend, hook, str(tmp)]
+        try:
+          code = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+          print(f"round {rnd} {hook:9s} {label:11s} did not finish in {args.timeout} s",
+                flush=True)
+          rows.setdefault((hook, label), [])
+          continue
         if code.returncode:
           print(code.stdout[-3000:], code.stderr[-2000:])
           return code.returncode
         construct, first, cost = json.loads(tmp.read_text())
         tmp.unlink()
-        rows.setdefault((hook, backend), []).append(
+        rows.setdefault((hook, label), []).append(
             {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost})
-        print(f"round {rnd} {hook:9s} {backend:5s} construct {construct:6.2f} s  first "
+        print(f"round {rnd} {hook:9s} {label:11s} construct {construct:6.2f} s  first "
               f"iteration {first:6.2f} s  sync cost {cost * 1e3:8.1f} ms", flush=True)
+  shutil.rmtree(cache, ignore_errors=True)
 
-  def med(hook, backend, key):
+  def med(hook, label, key):
     import statistics
-    return statistics.median(r[key] for r in rows[(hook, backend)])
+    runs = rows.get((hook, label)) or []
+    return statistics.median(r[key] for r in runs) if runs else float("nan")
+
+  def first(hook, label):
+    return med(hook, label, "construct_s") + med(hook, label, "first_iter_s")
+
+  def cell(hook, label):
+    if not rows.get((hook, label)):
+      return f"did not finish in {args.timeout} s"
+    return (f"{first(hook, label):.2f} s ({med(hook, label, 'construct_s'):.2f} + "
+            f"{med(hook, label, 'first_iter_s'):.2f})")
 
   lines = [f"ddp_jax vs torch {__import__('torch').__version__} DDP, {args.tree} shapes, "
            f"{args.processes} processes x 1 CPU device, gloo over loopback; medians of "
-           f"{args.rounds} alternating rounds", "",
-           "| hook | | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
+           f"{args.rounds} round(s); first step = construct + first iteration", "",
+           "| hook | what | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
   report = {"tree": args.tree, "processes": args.processes, "rows": []}
   for hook in args.hooks:
-    t_first = med(hook, "torch", "construct_s") + med(hook, "torch", "first_iter_s")
-    j_first = med(hook, "jax", "construct_s") + med(hook, "jax", "first_iter_s")
+    t_first, j_first, j_restart = first(hook, "torch"), first(hook, "jax"), first(
+        hook, "jax_restart")
     t_cost, j_cost = med(hook, "torch", "sync_cost_s"), med(hook, "jax", "sync_cost_s")
-    lines.append(f"| {hook} | first step (construct + first iteration) | {t_first:.2f} s "
-                 f"({med(hook, 'torch', 'construct_s'):.2f} + "
-                 f"{med(hook, 'torch', 'first_iter_s'):.2f}) | {j_first:.2f} s "
-                 f"({med(hook, 'jax', 'construct_s'):.2f} + "
-                 f"{med(hook, 'jax', 'first_iter_s'):.2f}) | {j_first / t_first:.2f}x |")
+    lines.append(f"| {hook} | first step | {cell(hook, 'torch')} | {cell(hook, 'jax')} | "
+                 f"{j_first / t_first:.2f}x |")
+    lines.append(f"| {hook} | first step, restart (compilation cache) | {cell(hook, 'torch')} "
+                 f"| {cell(hook, 'jax_restart')} | {j_restart / t_first:.2f}x |")
     lines.append(f"| {hook} | sync cost per step | {t_cost * 1e3:.0f} ms | "
                  f"{j_cost * 1e3:.0f} ms | {j_cost / t_cost:.2f}x |")
     report["rows"].append({"hook": hook, "torch_first_s": t_first, "jax_first_s": j_first,
-                           "torch_sync_s": t_cost, "jax_sync_s": j_cost,
-                           "runs": {b: rows[(hook, b)] for b in ("torch", "jax")}})
+                           "jax_restart_first_s": j_restart, "torch_sync_s": t_cost,
+                           "jax_sync_s": j_cost,
+                           "runs": {b: rows.get((hook, b), [])
+                                    for b in ("torch", "jax", "jax_restart")}})
   text = "\n".join(lines)
   Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
   Path(f"{stem}.md").write_text(text + "\n")

@@ -147,11 +147,17 @@ class DataParallelStep:
     in_specs, _, fn = self._build(args)
     placed = self._placed(args, in_specs)
     key = self._key(args)
-    if key not in self._agreed and jax.process_count() > 1:
-      # Before the first collective of a new program: every process runs the same syncs.
+    if key not in self._agreed:  # host-side checks, once per program
       if key not in self._fingerprints:
         fn.trace(*placed)
-      _faults.agree("data_parallel", self._fingerprints.get(key, []))
+      records = self._fingerprints.get(key, [])
+      # A restored hook state made by another hook or layout (orbax, hand-built trees).
+      from ddp_jax._sync import SyncState, check_state_tags
+      states = [x for x in jax.tree.leaves(args, is_leaf=lambda x: isinstance(x, SyncState))
+                if isinstance(x, SyncState)]
+      check_state_tags(states, records)
+      # Before the first collective of a new program: every process runs the same syncs.
+      _faults.agree("data_parallel", records)
       self._agreed.add(key)
     return fn(*placed)
 

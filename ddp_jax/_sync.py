@@ -220,18 +220,14 @@ def _check_state(old, new, hook: CommHook, index: int) -> None:
 
 
 def _checked_tag(tag, expected: np.ndarray):
-  """The state's tag, checked on device: a mismatch raises when the step runs (a
-  state restored by other means than flax.serialization, e.g. orbax)."""
+  """The state's tag, carried along. Compared on the host, not here: at restore by
+  ``flax.serialization``, and by the ``data_parallel`` step on its first call (a check
+  inside the program would need a host callback, and jax does not cache programs with
+  one in its persistent compilation cache)."""
   if tag is None or np.shape(tag) != expected.shape:
     raise ValueError(
         "sync_gradients: the state has no tag for this plan's "
         f"{expected.size} buckets; it was not made by this sync's init.")
-
-  def fail(saved):
-    check_tag(saved, expected, "first step after a restore")
-
-  ok = jnp.all(tag == expected)
-  lax.cond(ok, lambda t: None, lambda t: jax.debug.callback(fail, t), tag)
   return tag
 
 
@@ -483,7 +479,8 @@ def sync_gradients(
           "with params shaped like the gradients.")
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
-    _faults.record(fingerprint(plan, hook, axis_name, size, settings))
+    _faults.record(dict(fingerprint(plan, hook, axis_name, size, settings),
+                        tag=_tag(plan, hook).tolist()))
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
           f"sync_gradients: the state holds {len(state.hook_states)} bucket states, the plan "
@@ -609,3 +606,17 @@ def verify_sync(tx, grads) -> None:
   plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
   _faults.agree("verify_sync", [fingerprint(plan, config["hook"], config["axis_name"], None,
                                             config["settings"])])
+
+
+def check_state_tags(states: list, records: list) -> None:
+  """Host side: each SyncState given to a step was made by the sync that traced there
+  (``records``: the syncs' fingerprints, in trace order, with their expected tags)."""
+  if len(states) != len(records):
+    return  # states not passed in one-to-one (built inside the step, say): nothing to pair
+  for state, record in zip(states, records):
+    tag = state.tag
+    if tag is None or "tag" not in record:
+      continue
+    if isinstance(tag, jax.Array) and not tag.is_fully_addressable:
+      tag = tag.addressable_data(0)
+    check_tag(np.asarray(tag), np.asarray(record["tag"], np.int32), "the step's first call")

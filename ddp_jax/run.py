@@ -11,7 +11,9 @@ Output lines are prefixed with the child's rank. If a child fails, the others ar
 stopped and the launcher exits with its code, naming the rank (and the rank that
 stopped making progress, when a collective timed out, or that ended early); Ctrl-C,
 SIGTERM and SIGHUP stop all (TERM, then KILL after ``--grace-s``). A collective waits
-at most ``--collective-timeout`` seconds for a peer (default 300).
+at most ``--collective-timeout`` seconds for a peer (default 300). Compiled programs are
+kept in jax's persistent cache (``--compilation-cache``), so a restart after a failure
+skips XLA's compile.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def parse_args(argv=None):
   p.add_argument("--collective-timeout", type=int, default=None, metavar="SECONDS",
                  help="how long a collective waits for a peer before every rank fails "
                       "(default: $DDP_JAX_COLLECTIVE_TIMEOUT or 300)")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="jax's persistent compilation cache, so a restart does not recompile "
+                      "(default: $DDP_JAX_COMPILATION_CACHE or ~/.cache/ddp_jax/xla; 'off' "
+                      "to disable)")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="fake CPU devices per process (XLA_FLAGS), for CPU runs")
   p.add_argument("--grace-s", type=float, default=5.0,
@@ -98,6 +104,10 @@ def child_env(args, local_rank: int, port: int) -> dict:
     env["DDP_JAX_COLLECTIVE_TIMEOUT"] = str(args.collective_timeout)
   if args.bind_address is not None:
     env["DDP_JAX_BIND_ADDRESS"] = args.bind_address
+  cache = args.compilation_cache or os.environ.get("DDP_JAX_COMPILATION_CACHE") or (
+      os.path.join(os.path.expanduser("~"), ".cache", "ddp_jax", "xla"))
+  if cache != "off":
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
   if args.cpu_devices:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                         + f" --xla_force_host_platform_device_count={args.cpu_devices}")

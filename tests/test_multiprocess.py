@@ -115,14 +115,22 @@ def test_launcher_bad_args():
     assert proc.returncode == 2 and msg in proc.stderr
 
 
-def test_launcher_env(tmp_path):
+def test_launcher_env(tmp_path, monkeypatch):
   from ddp_jax.run import child_env, parse_args
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.delenv("DDP_JAX_COMPILATION_CACHE", raising=False)
   args = parse_args(["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "4",
                      "--master-addr", "10.1.2.3", "--master-port", "29500", "t.py", "--lr", "1"])
   env = child_env(args, 2, 29500)
   assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("6", "8", "2")
   assert env["MASTER_ADDR"] == "10.1.2.3" and env["DDP_JAX_COORDINATOR"] == "10.1.2.3:29500"
   assert args.script_args == ["--lr", "1"]
+  # jax's persistent compilation cache: a restart does not recompile.
+  assert env["JAX_COMPILATION_CACHE_DIR"].endswith("/.cache/ddp_jax/xla")
+  off = parse_args(["--compilation-cache", "off", "t.py"])
+  assert "JAX_COMPILATION_CACHE_DIR" not in child_env(off, 0, 1)
+  mine = parse_args(["--compilation-cache", str(tmp_path), "t.py"])
+  assert child_env(mine, 0, 1)["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path)
 
 
 @pytest.mark.parametrize("env, match", [
