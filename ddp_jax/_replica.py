@@ -170,23 +170,25 @@ def place(tree: Any, shardings: Any) -> Any:
       return False  # placed already, or a global array (resharded, nothing to check)
     return not (hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
 
-  def one(x, sharding):
+  is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)  # noqa: E731
+  leaves, treedef = jax.tree.flatten(tree)
+  per_leaf = treedef.flatten_up_to(jax.tree.map(
+      lambda sharding, sub: jax.tree.map(lambda _: sharding, sub), shardings, tree,
+      is_leaf=is_sharding))
+  # One host copy per leaf placed from the host: checked by digest, then placed from.
+  values = [np.asarray(x) if from_host(x, s) else None for x, s in zip(leaves, per_leaf)]
+  if any(v is not None for v in values):  # the same values on every process
+    from ddp_jax._distributed import verify_replicas
+    verify_replicas(treedef.unflatten(values), check_values=True)
+
+  def one(x, sharding, value):
+    if value is not None:
+      return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
       return x
-    if not from_host(x, sharding):
-      return jax.device_put(x, sharding)
-    value = np.asarray(x)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.device_put(x, sharding)
 
-  def each(fn):
-    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: fn(x, sharding), sub),
-                        shardings, tree, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-
-  host = each(lambda x, sharding: np.asarray(x) if from_host(x, sharding) else None)
-  if jax.tree.leaves(host):  # the same values on every process, checked by digest
-    from ddp_jax._distributed import verify_replicas
-    verify_replicas(host, check_values=True)
-  return each(one)
+  return treedef.unflatten([one(*z) for z in zip(leaves, per_leaf, values)])
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -99,8 +99,8 @@ class DataParallelStep:
     return tuple((jax.tree.structure(a), tuple((jnp.shape(x), jnp.result_type(x))
                                               for x in jax.tree.leaves(a))) for a in args)
 
-  def _build(self, args):
-    key = self._key(args)
+  def _build(self, args, key=None):
+    key = self._key(args) if key is None else key
     if key not in self._built:
       in_specs = self._in_specs(args)
       self._check_shapes(args, in_specs)
@@ -144,9 +144,9 @@ class DataParallelStep:
                  for specs, arg in zip(in_specs, args))
 
   def __call__(self, *args):
-    in_specs, _, fn = self._build(args)
+    key = self._key(args)  # once per call: it walks every leaf
+    in_specs, _, fn = self._build(args, key)
     placed = self._placed(args, in_specs)
-    key = self._key(args)
     if key not in self._agreed:  # host-side checks, once per program
       if key not in self._fingerprints:
         fn.trace(*placed)
