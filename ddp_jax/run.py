@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     raise _Stop(signum)
 
   handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+  sigint = signal.getsignal(signal.SIGINT)
   t0 = time.monotonic()
   ended = {}  # rank -> (code, seconds since start), in the order they ended
 
@@ -178,6 +179,10 @@ def main(argv=None) -> int:
         break
       time.sleep(0.05)
   except (KeyboardInterrupt, _Stop) as e:
+    # Stopping is bounded (--grace-s, then SIGKILL): a repeated signal must not cut it
+    # short. `timeout` sends SIGTERM to the launcher and again to its process group.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+      signal.signal(sig, signal.SIG_IGN)
     signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
     name = signal.Signals(signum).name
     print(f"ddp-jax-run: {name} received: interrupted, stopping all ranks", file=sys.stderr,
@@ -187,6 +192,7 @@ def main(argv=None) -> int:
   finally:
     for sig, handler in handlers.items():
       signal.signal(sig, handler)
+    signal.signal(signal.SIGINT, sigint)
   if failed:
     rank, code = failed
     time.sleep(0.3)  # the failing rank's last lines (its verdict) are still being pumped

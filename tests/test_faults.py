@@ -165,6 +165,29 @@ def test_timeout_around_the_launcher_stops_every_rank(tmp_path):
   _assert_gone(pids)
 
 
+@pytest.mark.multiprocess
+def test_a_second_sigterm_does_not_cut_the_stop_short(tmp_path):
+  """GNU ``timeout`` signals the launcher and then its process group: two SIGTERMs.
+  Before: the second one interrupted the grace wait and the launcher died with exit 1,
+  leaving ranks that ignore SIGTERM running."""
+  script = tmp_path / "stubborn.py"
+  script.write_text("import os, signal, time\n"
+                    "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+                    "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+                    "time.sleep(120)\n")
+  env = {**ENV, "PIDS": str(tmp_path / "pid")}
+  proc = subprocess.Popen([*LAUNCH, "--nproc-per-node", "2", "--grace-s", "2", str(script)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  pids = _wait_for_pids(tmp_path)
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.3)  # inside the grace wait
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143, err
+  _assert_gone(pids)
+
+
 def _listening(pid):
   out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
   return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
