@@ -17,10 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxpr_as_fun
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddp_jax import _axes, _faults
+from ddp_jax import _axes, _compile, _faults
 from ddp_jax._plan import path_str
 from ddp_jax._replica import place, state_specs
 
@@ -46,6 +47,8 @@ class DataParallelStep:
     self._built: dict = {}
     self._fingerprints: dict = {}  # build key -> the syncs' fingerprints, from tracing
     self._agreed: set = set()
+    self._bodies: dict = {}  # build key -> (jaxpr, out tree) of the step, from the probe
+    self._compiled: dict = {}  # build key -> executable shared across processes
 
   def __repr__(self) -> str:
     name = getattr(self.step_fn, "__name__", repr(self.step_fn))
@@ -61,13 +64,22 @@ class DataParallelStep:
         specs.append(state_specs(arg, self.axis_name))
     return tuple(specs)
 
-  def _out_specs(self, args, in_specs):
-    """Reads the outputs' types from an abstract trace of the step."""
+  def _out_specs(self, args, in_specs, key):
+    """Reads the outputs' types from a trace of the step, and keeps that trace.
+
+    The step's Python runs once per input signature: here, recording its jaxpr (and
+    the syncs' fingerprints), which the jitted program then replays instead of
+    tracing the step again (tracing a large model's step is seconds)."""
     seen = {}
     axis = self.axis_name
 
     def probe(*local_args):
-      out = self.step_fn(*local_args)
+      with _faults.collecting() as records:
+        closed, shapes = jax.make_jaxpr(self.step_fn, return_shape=True)(*local_args)
+      self._fingerprints[key] = records
+      out_tree = jax.tree.structure(shapes)
+      seen["body"] = (closed, out_tree)
+      out = jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(local_args)))
       checked = _axes.checks_vma(axis)
       seen["out"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
                                  out)
@@ -77,6 +89,7 @@ class DataParallelStep:
 
     fn = jax.shard_map(probe, mesh=self.mesh, in_specs=in_specs, out_specs=P(axis))
     jax.eval_shape(fn, *_abstract(args, in_specs, self.mesh))
+    self._bodies[key] = seen["body"]
     per_replica = state_specs(seen["out"], axis)
     flat, treedef = jax.tree_util.tree_flatten_with_path(per_replica, is_leaf=_is_spec)
     varying = jax.tree.leaves(seen["varying"])
@@ -104,9 +117,14 @@ class DataParallelStep:
     if key not in self._built:
       in_specs = self._in_specs(args)
       self._check_shapes(args, in_specs)
-      out_specs = (self._out_specs(args, in_specs) if self.out_specs is None
+      out_specs = (self._out_specs(args, in_specs, key) if self.out_specs is None
                    else self.out_specs)
+
       def traced(*local_args, key=key):
+        if key in self._bodies:  # replay the probe's trace
+          closed, out_tree = self._bodies[key]
+          return jax.tree.unflatten(out_tree,
+                                    jaxpr_as_fun(closed)(*jax.tree.leaves(local_args)))
         with _faults.collecting() as records:
           out = self.step_fn(*local_args)
         self._fingerprints[key] = records
@@ -159,7 +177,12 @@ class DataParallelStep:
       # Before the first collective of a new program: every process runs the same syncs.
       _faults.agree("data_parallel", records)
       self._agreed.add(key)
-    return fn(*placed)
+      if jax.process_count() > 1 and _compile.enabled():
+        # One compile for all processes (process 0's, loaded by the others).
+        self._compiled[key] = _compile.compile_shared(
+            fn.lower(*placed), list(self.mesh.devices.flat), "data_parallel")
+    compiled = self._compiled.get(key)
+    return (compiled or fn)(*placed)
 
   def lower(self, *args):
     """The jitted step lowered for ``args`` (``.compile()``, ``.as_text()``)."""
