@@ -298,6 +298,15 @@ def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def _bucket_finite(bucket) -> jax.Array:
+  if "_buffer" in vars(bucket):  # the hook raveled the bucket: check that, once
+    try:
+      return _all_finite([bucket.buffer()])
+    except jax.errors.UnexpectedTracerError:  # raveled inside a cond or loop of its own
+      pass
+  return _all_finite(bucket.leaves)
+
+
 def _nonfinite_policy(finite, old_state, new_state, reduced):
   """A step whose gradients held a NaN or Inf on any replica (``finite`` is False on every
   replica alike) leaves the hook state exactly as it was: an error-feedback residual,
@@ -488,7 +497,7 @@ def sync_gradients(
     leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
                           invariant_grads, participating)
     sent = [i for spec in plan.buckets for i in spec.leaf_indices]
-    # Replica-wide facts in one collective: [took part, weight, held a non-finite value].
+    # Participation, replica-wide, in one collective: [took part, weight].
     facts = []
     flag = weight = None
     if participating is not None:
@@ -497,20 +506,16 @@ def sync_gradients(
       for i in sent:  # an idle replica adds zeros (and nothing non-finite)
         leaves[i] = jnp.where(flag, leaves[i], jnp.zeros_like(leaves[i]))
       facts += [flag.astype(jnp.int32), weight]
-    guard = any(jax.tree.leaves(s) for s in state.hook_states)  # stateful hooks
-    if guard and sent:
-      facts.append(jnp.logical_not(_all_finite([leaves[i] for i in sent])).astype(jnp.int32))
     facts = list(lax.psum(jnp.stack(facts), axis_name)) if facts else []
     count = total = None
     if participating is not None:
-      count, total, facts = facts[0], facts[1], facts[2:]
-    finite = facts[0] == 0 if facts else None  # on every replica alike
+      count, total = facts
     ctx = HookContext(axis_name, size, flag,
                       None if total is None else jnp.maximum(total, 1),
                       None if gradient_predivide_factor is None
                       else float(gradient_predivide_factor), weight)
     out = list(original)
-    new_states = []
+    done = []  # per bucket: (spec, bucket, old local state, new local state, result)
     for spec, hook_state in zip(plan.buckets, state.hook_states):
       _check_restored(spec, hook_state, hook)
       bucket = GradBucket(spec, [leaves[i] for i in spec.leaf_indices],
@@ -520,7 +525,16 @@ def sync_gradients(
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
-      reduced = _as_leaves(reduced, bucket, hook, split=False)
+      done.append((spec, bucket, local, new_local, _as_leaves(reduced, bucket, hook, split=False)))
+    # Stateful hooks: did any replica's gradients hold a NaN or Inf? One collective of
+    # one fact, checked on each bucket's raveled buffer when the hook made one (one
+    # check per bucket; a check per leaf is a compiled kernel per leaf), else per leaf.
+    finite = None
+    if any(jax.tree.leaves(s) for s in state.hook_states) and sent:
+      bad = [jnp.logical_not(_bucket_finite(bucket)) for _, bucket, *_ in done]
+      finite = lax.psum(jnp.any(jnp.stack(bad)).astype(jnp.int32), axis_name) == 0
+    new_states = []
+    for spec, bucket, local, new_local, reduced in done:
       if finite is not None:
         new_local, reduced = _nonfinite_policy(finite, local, new_local, reduced)
       if not isinstance(reduced, tuple):
