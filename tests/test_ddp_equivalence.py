@@ -180,12 +180,15 @@ def _compiled_step(mesh, hook):
   return collectives(step, params0, state, xs[0], ys[0]), params0
 
 
-def test_compiled_step_all_reduces_in_f16_only(mesh8):
-  """grad + fp16 sync + optimizer, compiled: every all-reduce is the hook's f16 one
-  (with jax.grad of P() params autodiff would add f32 all-reduces of every gradient)."""
+def test_compiled_step_communicates_in_f16_only(mesh8):
+  """grad + fp16 sync + optimizer, compiled: every collective is the hook's f16 one
+  (with jax.grad of P() params autodiff would add f32 all-reduces of every gradient).
+  On CPU the f16 sum is an all-to-all and an all-gather of f16 (``sum_16bit``)."""
   report, _ = _compiled_step(mesh8, hooks.fp16_compress())
-  assert set(report.compiled["all-reduce"].bytes_by_dtype) == {"f16"}, report.summary()
-  assert set(report.lowered["all-reduce"].bytes_by_dtype) == {"f16"}, report.summary()
+  for stage in (report.compiled, report.lowered):
+    assert set(stage) == {"all-to-all", "all-gather"}, report.summary()
+    for kind in stage.values():
+      assert set(kind.bytes_by_dtype) == {"u16"}, report.summary()  # f16 words
 
 
 def test_compiled_step_powersgd_sends_under_a_quarter(mesh8):

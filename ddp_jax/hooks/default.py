@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, WireCost, all_gather, allgather_bytes, configured
+from ddp_jax.hooks._base import (CommHook, WireCost, all_gather, allgather_bytes, configured,
+                                 sum_16bit)
 from ddp_jax.hooks._base import divide as _div
 
 
@@ -47,10 +48,16 @@ def allreduce(divide: str = "auto") -> CommHook:
       leaves = bucket.from_operands(lax.psum(tuple(x / f for x in operands), ctx.axis_name))
       scale = f / ctx.divisor  # f / n, applied once, in the bucket's dtype
       return tuple(x * jnp.asarray(scale, x.dtype) for x in leaves), state
-    before = divide == "before" or (divide == "auto" and jnp.finfo(bucket.dtype).bits <= 16)
-    if before:
-      operands = tuple(_div(x, ctx.divisor) for x in operands)
-    leaves = bucket.from_operands(lax.psum(operands, ctx.axis_name))
+    half = jnp.finfo(bucket.dtype).bits <= 16
+    before = divide == "before" or (divide == "auto" and half)
+    if half:  # one flat 16-bit buffer, summed in float32 (see sum_16bit)
+      flat = bucket.buffer()
+      leaves = bucket.from_flat(sum_16bit(_div(flat, ctx.divisor) if before else flat,
+                                          ctx.axis_name, ctx.axis_size))
+    else:
+      if before:
+        operands = tuple(_div(x, ctx.divisor) for x in operands)
+      leaves = bucket.from_operands(lax.psum(operands, ctx.axis_name))
     if not before:  # per leaf: XLA fuses each slice of a raveled operand with its divide
       leaves = tuple(_div(x, ctx.divisor) for x in leaves)
     return leaves, state
