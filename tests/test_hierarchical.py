@@ -48,10 +48,13 @@ def test_only_the_compressed_shard_crosses_nodes(mesh2x4):
   (u, _), fn, args = run(tx, g, mesh2x4)
   assert_mean(jax.tree.map(lambda x: np.asarray(x)[None], u), g, rtol=0, atol=3e-3)
   report = collectives(fn, *args).lowered
-  # Across nodes (groups of 2 replicas): one f16 shard of 155 elements per bucket.
-  assert report["all-reduce"].bytes_by_group_size == {2: 155 * 2}
+  # Across nodes (groups of 2 replicas): one f16 shard of 155 elements per bucket, summed
+  # on CPU by an all-to-all and an all-gather of its 16-bit words (hooks._base.sum_16bit;
+  # padded to 156, a multiple of 2): a ring all-reduce's bytes.
+  assert "all-reduce" not in report
+  assert report["all-to-all"].bytes_by_group_size == {2: 156 * 2}
   assert report["reduce-scatter"].bytes_by_group_size == {4: 155 * 4}
-  assert report["all-gather"].bytes_by_group_size == {4: 620 * 4}
+  assert report["all-gather"].bytes_by_group_size == {2: 156 * 2, 4: 620 * 4}
   plan = ddp_jax.plan_buckets(tree())
   flat_f32 = hooks.wire_bytes(hooks.allreduce(), plan, 2)[0].bytes  # all of it across 2 nodes
   # Each device's node link carries 1/8 of what a flat f32 all-reduce would send over it.
