@@ -115,6 +115,17 @@ def _sleeper(tmp_path):
   return script
 
 
+def _stubborn(tmp_path):
+  """A rank script that ignores SIGTERM (as jax's preemption handler does) and records
+  its pid; the environment that tells it where."""
+  script = tmp_path / "stubborn.py"
+  script.write_text("import os, signal, time\n"
+                    "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+                    "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+                    "time.sleep(120)\n")
+  return script, {**ENV, "PIDS": str(tmp_path / "pid")}
+
+
 def _wait_for_pids(tmp_path):
   deadline = time.time() + 30
   while time.time() < deadline and not all((tmp_path / f"pid{r}").exists() for r in (0, 1)):
@@ -147,12 +158,7 @@ def test_signals_to_the_launcher_stop_every_rank(tmp_path, sig, code):
 def test_timeout_around_the_launcher_stops_every_rank(tmp_path):
   """``timeout`` (as SLURM and Kubernetes do) sends SIGTERM to the launcher only; ranks
   that ignore SIGTERM (jax's preemption handler catches it) get SIGKILL after grace."""
-  script = tmp_path / "stubborn.py"
-  script.write_text("import os, signal, time\n"
-                    "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-                    "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
-                    "time.sleep(120)\n")
-  env = {**ENV, "PIDS": str(tmp_path / "pid")}
+  script, env = _stubborn(tmp_path)
   t0 = time.perf_counter()
   proc = subprocess.Popen(["timeout", "--preserve-status", "-s", "TERM", "8", *LAUNCH,
                            "--nproc-per-node", "2", "--grace-s", "2", str(script)],
@@ -170,12 +176,7 @@ def test_a_second_sigterm_does_not_cut_the_stop_short(tmp_path):
   """GNU ``timeout`` signals the launcher and then its process group: two SIGTERMs.
   Before: the second one interrupted the grace wait and the launcher died with exit 1,
   leaving ranks that ignore SIGTERM running."""
-  script = tmp_path / "stubborn.py"
-  script.write_text("import os, signal, time\n"
-                    "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-                    "open(os.environ['PIDS'] + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
-                    "time.sleep(120)\n")
-  env = {**ENV, "PIDS": str(tmp_path / "pid")}
+  script, env = _stubborn(tmp_path)
   proc = subprocess.Popen([*LAUNCH, "--nproc-per-node", "2", "--grace-s", "2", str(script)],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
