@@ -72,7 +72,7 @@ def _count_hits(event: str, **_) -> None:
 
 
 def _cache_file(key: str) -> Path | None:
-  root = jax.config.jax_compilation_cache_dir
+  root = getattr(jax.config, "jax_compilation_cache_dir", None)
   return Path(root) / f"ddp_jax-{key}.bin" if root else None
 
 
@@ -148,7 +148,7 @@ def compile_shared(lowered, devices, what: str = "data_parallel"):
     return lowered.compile()
   if theirs != key:
     return lowered.compile()
-  share_ms = int(jax.config.jax_share_binary_between_hosts_timeout_ms)
+  share_ms = int(getattr(jax.config, "jax_share_binary_between_hosts_timeout_ms", 20 * 60 * 1000))
   try:
     n = int(client.blocking_key_value_get(f"{slot}/chunks", share_ms))
   except Exception as e:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import (CommHook, WireCost, all_gather, allgather_bytes, configured,
-                                 sum_16bit)
+from ddp_jax.hooks._base import (
+  CommHook,
+  WireCost,
+  all_gather,
+  allgather_bytes,
+  configured,
+  sum_16bit,
+)
 from ddp_jax.hooks._base import divide as _div
 
 
