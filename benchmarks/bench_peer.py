@@ -148,7 +148,7 @@ def run_jax(tree_name, hook, steps):
   ddp_jax.verify_replicas({})
   t0 = time.perf_counter()
   tx, step = make(hooks[hook])
-  p = ddp_jax.broadcast_from_process0(params)
+  p = ddp_jax.broadcast_from_process0(params, mesh)
   s = ddp_jax.init_state(tx, p, mesh, "data")
   jax.block_until_ready(s)
   construct = time.perf_counter() - t0

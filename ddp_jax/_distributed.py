@@ -69,17 +69,33 @@ def sync_buffers(buffers: Any, axis_name, how: str = "broadcast") -> Any:
       lambda x: lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, buffers)
 
 
-def broadcast_from_process0(tree: Any) -> Any:
+def broadcast_from_process0(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
   """Host level: every process gets process 0's values (multi-process start-up).
 
   Checks first that the tree matches across processes (a mismatch would hang or fail
   obscurely inside the collective), then moves it in one collective per dtype: the
   leaves are concatenated into one flat buffer each (``broadcast_one_to_all`` of the
   tree as it is compiles a program with one operand per leaf and pays one gloo call
-  per leaf). Returns host (numpy) arrays, like ``broadcast_one_to_all``.
+  per leaf). Returns host (numpy) arrays, like ``broadcast_one_to_all``; with ``mesh``,
+  arrays replicated (``P()``) over it, ready for ``init_state`` and the step: placed
+  once, without the equality check by digest that placing host values needs (they
+  came out of one collective, so they are equal by construction).
+
+  Examples:
+    >>> import jax, numpy as np, ddp_jax
+    >>> mesh = jax.make_mesh((8,), ("data",))
+    >>> p = ddp_jax.broadcast_from_process0({"w": np.ones(3, np.float32)}, mesh)
+    >>> print(p["w"].sharding.spec == jax.sharding.PartitionSpec(), p["w"])
+    True [1. 1. 1.]
   """
   verify_replicas(tree)
   leaves, treedef = jax.tree.flatten(tree)
+  if mesh is not None:
+    hosts = jax.tree.leaves(broadcast_from_process0(tree))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.unflatten(treedef, [
+        jax.make_array_from_callback(h.shape, sharding, lambda index, h=h: h[index])
+        for h in hosts])
   if jax.process_count() == 1:
     return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
   hosts = [np.asarray(x) for x in leaves]

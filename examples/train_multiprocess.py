@@ -38,7 +38,7 @@ def main():
   x, y, train_idx, test_idx = digits()
   model = mlp()
   params = model.init(jax.random.key(rank), x[:1])  # different per process on purpose
-  params = ddp_jax.broadcast_from_process0(params)  # ... until process 0's win
+  params = ddp_jax.broadcast_from_process0(params, mesh)  # ... until process 0's win
   tx = optax.chain(ddp_jax.sync_gradients("data", hook=make_hook(args.hook)),
                    optax.adam(args.lr))
   step, params, opt_state = data_parallel_step(model, tx, params, mesh)

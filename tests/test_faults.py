@@ -98,6 +98,11 @@ def test_broadcast_and_unequal_parameters():
   assert len(results) == 2 and results[0] == results[1]
   assert results[0] == {"f": [[1.5, 1.5]] * 3, "i": [0, 1, 2, 3], "b": [True, True, False],
                         "h": [0.0, 0.0], "s": 7.0, "e": []}
+  placed = [json.loads(line.split("PLACED ", 1)[1]) for line in proc.stdout.splitlines()
+            if "PLACED " in line]
+  assert len(placed) == 2 and placed[0] == placed[1]
+  assert {k: v[0] for k, v in placed[0].items()} == results[0]
+  assert {v[1] for v in placed[0].values()} == {str(jax.sharding.PartitionSpec())}
   assert dtypes[0] == {"f": "float32", "i": "int32", "b": "bool", "h": "float16",
                        "s": "float32", "e": "float32"}
   proc, _ = launch("--nproc-per-node", "2", "--cpu-devices", "1", "--grace-s", "1",

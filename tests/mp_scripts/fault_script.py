@@ -42,6 +42,10 @@ if mode == "broadcast":  # mixed dtypes, scalars, bools: process 0's values ever
   got = ddp_jax.broadcast_from_process0(mine)
   print("RESULT " + json.dumps({k: np.asarray(v).tolist() for k, v in got.items()}), flush=True)
   print("DTYPES " + json.dumps({k: str(np.asarray(v).dtype) for k, v in got.items()}), flush=True)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  placed = ddp_jax.broadcast_from_process0(mine, mesh)  # placed on the mesh, replicated
+  print("PLACED " + json.dumps({k: [np.asarray(v).tolist(), str(v.sharding.spec)]
+                                for k, v in placed.items()}), flush=True)
   sys.exit(0)
 if mode == "unequal":  # forgot to broadcast: init_state refuses (digests, no array gather)
   tree["b"] = tree["b"] + rank
