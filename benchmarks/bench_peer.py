@@ -40,7 +40,7 @@ def shapes(tree_name):
   sys.path.insert(0, str(HERE))
   import jax
   import trees
-  leaves = jax.tree.leaves(getattr(trees, tree_name)())
+  leaves = jax.tree.leaves(trees.TREES[tree_name]())
   return [tuple(x.shape) for x in leaves]
 
 
@@ -180,7 +180,7 @@ def run_jax(tree_name, hook, steps):
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--processes", type=int, default=4)
-  p.add_argument("--tree", default="resnet50")
+  p.add_argument("--tree", default="resnet50", help="a name in trees.TREES")
   p.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--rounds", type=int, default=1)
