@@ -88,14 +88,14 @@ def broadcast_from_process0(tree: Any, mesh: jax.sharding.Mesh | None = None) ->
     >>> print(p["w"].sharding.spec == jax.sharding.PartitionSpec(), p["w"])
     True [1. 1. 1.]
   """
-  verify_replicas(tree)
-  leaves, treedef = jax.tree.flatten(tree)
-  if mesh is not None:
-    hosts = jax.tree.leaves(broadcast_from_process0(tree))
+  if mesh is not None:  # the host values (checked and moved below), then placed once
+    hosts, treedef = jax.tree.flatten(broadcast_from_process0(tree))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.unflatten(treedef, [
         jax.make_array_from_callback(h.shape, sharding, lambda index, h=h: h[index])
         for h in hosts])
+  verify_replicas(tree)
+  leaves, treedef = jax.tree.flatten(tree)
   if jax.process_count() == 1:
     return jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
   hosts = [np.asarray(x) for x in leaves]

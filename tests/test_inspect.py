@@ -79,3 +79,14 @@ def test_works_on_pmap():
   f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
   r = collectives(f, np.ones((8, 3), np.float32))
   assert r.lowered["all-reduce"].ops == 1
+
+
+def test_16bit_sum_off_cpu_is_the_plain_all_reduce(mesh8, monkeypatch):
+  """Off CPU (GPU, TPU) a 16-bit bucket keeps ``psum`` over the pack's operands: no
+  all-to-all and no extra raveled copy of the bucket (``pack="variadic"``)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # only the decision reads it
+  tx = ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.fp16_compress(), pack="variadic")
+  g = ddp_jax.shard(per_device_grads(grads_tree(), 8), mesh8, "data")
+  low = collectives(sync_fn(tx, mesh8), g).lowered
+  assert set(low) == {"all-reduce"}
+  assert low["all-reduce"].operands == 13 and set(low["all-reduce"].bytes_by_dtype) == {"f16"}

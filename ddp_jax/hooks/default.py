@@ -12,6 +12,7 @@ from ddp_jax.hooks._base import (
   allgather_bytes,
   configured,
   sum_16bit,
+  sums_16bit_in_f32,
 )
 from ddp_jax.hooks._base import divide as _div
 
@@ -56,7 +57,7 @@ def allreduce(divide: str = "auto") -> CommHook:
       return tuple(x * jnp.asarray(scale, x.dtype) for x in leaves), state
     half = jnp.finfo(bucket.dtype).bits <= 16
     before = divide == "before" or (divide == "auto" and half)
-    if half:  # one flat 16-bit buffer, summed in float32 (see sum_16bit)
+    if half and sums_16bit_in_f32(ctx.axis_name, ctx.axis_size):  # CPU: see sum_16bit
       flat = bucket.buffer()
       leaves = bucket.from_flat(sum_16bit(_div(flat, ctx.divisor) if before else flat,
                                           ctx.axis_name, ctx.axis_size))
