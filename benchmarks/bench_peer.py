@@ -177,6 +177,15 @@ def run_jax(tree_name, hook, steps):
   return rank, gather_max([construct, first, cost], "jax")
 
 
+def write_report(stem, report: dict, lines: list) -> int:
+  """Writes ``<stem>.json`` and ``<stem>.md`` and prints the table."""
+  text = "\n".join(lines)
+  Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
+  Path(f"{stem}.md").write_text(text + "\n")
+  print(text)
+  return 0
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--processes", type=int, default=4)
@@ -267,11 +276,7 @@ def main(argv=None) -> int:
                            "jax_sync_s": j_cost,
                            "runs": {b: rows.get((hook, b), [])
                                     for b in ("torch", "jax", "jax_restart")}})
-  text = "\n".join(lines)
-  Path(f"{stem}.json").write_text(json.dumps(report, indent=1))
-  Path(f"{stem}.md").write_text(text + "\n")
-  print(text)
-  return 0
+  return write_report(stem, report, lines)
 
 
 if __name__ == "__main__":

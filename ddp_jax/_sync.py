@@ -307,6 +307,48 @@ def _bucket_finite(bucket) -> jax.Array:
   return _all_finite(bucket.leaves)
 
 
+def _never(reduced, spec, groups) -> jax.Array | None:
+  """A scalar bool that reads one element of each operand of a bucket's result and is
+  False for every value they can hold (NaN and Inf included): a popcount sum above the
+  total bit width. None for a result without elements."""
+  if isinstance(reduced, tuple):
+    picks = [reduced[g[0]].reshape(-1)[:1] for g in groups]
+  else:
+    picks = [lax.dynamic_slice_in_dim(reduced, spec.offsets[g[0]], 1) for g in groups]
+  picks = [jnp.real(x) if jnp.iscomplexobj(x) else x for x in picks if x.size]
+  if not picks:
+    return None
+  count = jnp.zeros((), jnp.uint32)
+  for x in picks:
+    bits = lax.bitcast_convert_type(x[0], jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    count = count + lax.population_count(bits).astype(jnp.uint32)
+  return count > sum(8 * x.dtype.itemsize for x in picks)
+
+
+def _after(leaves: list, groups, never) -> list:
+  """``leaves`` unchanged, but computed after ``never`` (from the previous bucket's result).
+
+  Without a data dependency XLA merges the all-reduces of every bucket into one variadic
+  all-reduce (its all-reduce combiner merges collectives that do not depend on each
+  other) and schedules it after the whole backward pass, so no bucket could be sent
+  while later gradients are still being computed. Here one element of one leaf per
+  operand goes through ``select(never, 0, x)``: the values stay exact, and the bucket's
+  collectives can start as soon as its own gradients and the previous bucket's
+  collectives are done (DDP's bucket order).
+  """
+  out = list(leaves)
+  for group in groups:
+    sized = [j for j in group if out[j].size]
+    if not sized:
+      continue
+    j = min(sized, key=lambda j: out[j].size)
+    leaf = out[j]
+    corner = lax.slice(leaf, (0,) * leaf.ndim, (1,) * leaf.ndim)
+    out[j] = lax.dynamic_update_slice(
+        leaf, jnp.where(never, jnp.zeros_like(corner), corner), (0,) * leaf.ndim)
+  return out
+
+
 def _nonfinite_policy(finite, old_state, new_state, reduced):
   """A step whose gradients held a NaN or Inf on any replica (``finite`` is False on every
   replica alike) leaves the hook state exactly as it was: an error-feedback residual,
@@ -336,6 +378,23 @@ def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -
 
 
 _LOGGED: set = set()
+
+
+CHAIN_MODES = ("0", "1")
+
+
+def _chained() -> bool:
+  """Whether bucket k+1 is sent after bucket k's result (``_after``), read at trace time
+  from ``DDP_JAX_BUCKET_CHAIN`` (default ``"0"``: XLA merges the buckets' all-reduces).
+  Opt-in because it did not pay on CPU (``benchmarks/bench_overlap.py``: overhead /
+  communication 0.96 chained vs 0.98 merged at 1 Gbit/s, and slower steps in absolute
+  terms) and is unmeasured on GPU, where XLA's scheduler overlaps its own combined
+  asynchronous all-reduces."""
+  mode = os.environ.get("DDP_JAX_BUCKET_CHAIN", "0")
+  if mode not in CHAIN_MODES:
+    raise ValueError(
+        f"DDP_JAX_BUCKET_CHAIN must be one of {CHAIN_MODES}, got {mode!r}.")
+  return mode == "1"
 
 
 def _debug_log(plan: BucketPlan, hook: CommHook, axis_name, world: int) -> None:
@@ -488,7 +547,9 @@ def sync_gradients(
           "with params shaped like the gradients.")
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
-    _faults.record(dict(fingerprint(plan, hook, axis_name, size, settings),
+    chain = _chained()
+    _faults.record(dict(fingerprint(plan, hook, axis_name, size,
+                                    dict(settings, bucket_chain=chain)),
                         tag=_tag(plan, hook).tolist()))
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
@@ -515,17 +576,22 @@ def sync_gradients(
                       None if gradient_predivide_factor is None
                       else float(gradient_predivide_factor), weight)
     out = list(original)
+    never = None  # the previous bucket's result, read (see _after)
     done = []  # per bucket: (spec, bucket, old local state, new local state, result)
     for spec, hook_state in zip(plan.buckets, state.hook_states):
       _check_restored(spec, hook_state, hook)
-      bucket = GradBucket(spec, [leaves[i] for i in spec.leaf_indices],
-                          _pack.operand_groups(spec, pack, ravel_below_bytes),
-                          spec.index == plan.num_buckets - 1)
+      groups = _pack.operand_groups(spec, pack, ravel_below_bytes)
+      mine = [leaves[i] for i in spec.leaf_indices]
+      if never is not None and chain:
+        mine = _after(mine, groups, never)
+      bucket = GradBucket(spec, mine, groups, spec.index == plan.num_buckets - 1)
       local = _replica.squeeze(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
-      done.append((spec, bucket, local, new_local, _as_leaves(reduced, bucket, hook, split=False)))
+      reduced = _as_leaves(reduced, bucket, hook, split=False)
+      never = _never(reduced, spec, groups)
+      done.append((spec, bucket, local, new_local, reduced))
     # Stateful hooks: did any replica's gradients hold a NaN or Inf? One collective of
     # one fact, checked on each bucket's raveled buffer when the hook made one (one
     # check per bucket; a check per leaf is a compiled kernel per leaf), else per leaf.
@@ -619,7 +685,8 @@ def verify_sync(tx, grads) -> None:
         f"chain around it); got {type(tx).__name__}.")
   plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
   _faults.agree("verify_sync", [fingerprint(plan, config["hook"], config["axis_name"], None,
-                                            config["settings"])])
+                                            dict(config["settings"],
+                                                 bucket_chain=_chained()))])
 
 
 def check_state_tags(states: list, records: list) -> None:

@@ -1,0 +1,146 @@
+"""Buckets stay buckets in the compiled program: each bucket's collective can start while
+later gradients are still being computed (DDP's overlap), and the values are exact.
+
+XLA's all-reduce combiner merges collectives that do not depend on each other; without a
+dependency between buckets every bucket ends up in one all-reduce after the whole
+backward pass (the control below). ``_sync._after`` chains bucket k+1 to bucket k's result
+through a select that is false for every value. The chain is opt-in
+(``DDP_JAX_BUCKET_CHAIN=1``; see ``benchmarks/bench_overlap.py`` for what it buys).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ddp_jax
+from ddp_jax import hooks
+from tests.helpers import per_device_grads, shard_map_updates
+
+WIDTH, LAYERS = 256, 5
+
+
+def _loss(p, batch):
+  x = batch
+  for w, b in p:
+    x = jnp.tanh(x @ w + b)
+  return jnp.mean(x ** 2)
+
+
+def _schedule(mesh, tx):
+  """The compiled training step's entry computation, one instruction per line, in the
+  order XLA runs it (the module is scheduled)."""
+  params = [(jnp.full((WIDTH, WIDTH), 0.01), jnp.zeros(WIDTH)) for _ in range(LAYERS)]
+  state = ddp_jax.init_state(tx, params, mesh, "data")
+  specs = ddp_jax.state_specs(state, "data")
+
+  def step(p, s, x):
+    g = ddp_jax.grad(_loss, "data")(p, x)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), specs, P("data")),
+                            out_specs=(P(), specs)))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  x = jax.device_put(jnp.ones((8 * mesh.size, WIDTH)), NamedSharding(mesh, P("data")))
+  text = f.lower(params, state, x).compile().as_text()
+  assert "is_scheduled=true" in text
+  return [line.strip() for line in text[text.index("\nENTRY"):].split("\n")[1:]]
+
+
+def _positions(lines):
+  reduces = [i for i, line in enumerate(lines) if re.search(r"\ball-reduce(-start)?\(", line)]
+  dots = [i for i, line in enumerate(lines) if "dot(" in line or "dot_general" in line]
+  return reduces, dots
+
+
+def _tx(pack="ravel"):
+  # 64 KiB caps: one bucket per 256 x 256 weight (and its bias), five buckets.
+  return optax.chain(ddp_jax.sync_gradients("data", bucket_cap_mb=0.25,
+                                            first_bucket_cap_mb=0.25, pack=pack),
+                     optax.sgd(0.1))
+
+
+@pytest.fixture
+def chained(monkeypatch):
+  monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", "1")
+
+
+def test_each_bucket_is_sent_inside_the_backward_pass(mesh8, chained):
+  tx = _tx()
+  plan = ddp_jax.plan_buckets(jax.eval_shape(lambda: [(jnp.zeros((WIDTH, WIDTH)),
+                                                       jnp.zeros(WIDTH))] * LAYERS),
+                              bucket_cap_mb=0.25, first_bucket_cap_mb=0.25)
+  assert plan.num_buckets == LAYERS
+  reduces, dots = _positions(_schedule(mesh8, tx))
+  assert len(reduces) == plan.num_buckets, "one all-reduce per bucket (pack='ravel')"
+  # The first buckets (the last layers' gradients) are sent before the backward pass ends.
+  assert sum(r < dots[-1] for r in reduces) >= plan.num_buckets - 2, (reduces, dots)
+
+
+@pytest.mark.parametrize("pack", ["auto", "variadic"])
+def test_buckets_stay_apart_in_every_pack_mode(mesh8, chained, pack):
+  reduces, dots = _positions(_schedule(mesh8, _tx(pack)))
+  assert len(reduces) >= LAYERS and reduces[0] < dots[-1], (reduces, dots)
+
+
+@pytest.mark.parametrize("mode", [None, "0"], ids=["default", "off"])
+def test_control_without_the_chain_xla_merges_every_bucket_after_the_backward(
+    mesh8, monkeypatch, mode):
+  """What the chain is for: without it (the default), one all-reduce after the last dot."""
+  if mode is None:
+    monkeypatch.delenv("DDP_JAX_BUCKET_CHAIN", raising=False)
+  else:
+    monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", mode)
+  reduces, dots = _positions(_schedule(mesh8, _tx()))
+  assert len(reduces) == 1 and reduces[0] > dots[-1], (reduces, dots)
+
+
+def test_bad_chain_mode_is_refused(mesh8, monkeypatch):
+  monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", "yes")
+  with pytest.raises(ValueError, match="DDP_JAX_BUCKET_CHAIN must be one of"):
+    _schedule(mesh8, _tx())
+
+
+def _tree(complex_leaf):
+  tree = {"a": jnp.zeros((64, 33)), "b": jnp.zeros((7,)), "c": jnp.zeros((40, 40)),
+          "d": jnp.zeros((16,), jnp.bfloat16), "e": jnp.zeros((20, 20), jnp.bfloat16),
+          "f": jnp.zeros((300,))}
+  if complex_leaf:  # (lossy hooks take real gradients only)
+    tree["z"] = jnp.zeros((5,), jnp.complex64)
+  return tree
+
+
+ALLREDUCE = hooks.allreduce()
+
+
+@pytest.mark.parametrize("hook", [ALLREDUCE, hooks.fp16_compress(),
+                                  hooks.powersgd(rank=2, start_iter=0)],
+                         ids=["allreduce", "fp16", "powersgd"])
+def test_the_chain_changes_no_value_nan_and_inf_included(mesh8, monkeypatch, hook):
+  stacked = per_device_grads(_tree(hook is ALLREDUCE), 8, seed=3)
+  # Every bucket's first elements, which the next bucket's select reads: NaN, Inf, -0.
+  for key, value in (("a", np.nan), ("c", np.inf), ("f", -0.0), ("d", -np.inf)):
+    leaf = stacked[key]
+    stacked[key] = leaf.at[(slice(None),) + (0,) * (leaf.ndim - 1)].set(value)
+
+  plan = ddp_jax.plan_buckets(stacked, bucket_cap_mb=0.005, first_bucket_cap_mb=0.005)
+  assert plan.num_buckets >= 4
+
+  def run():
+    tx = ddp_jax.sync_gradients("data", hook=hook, bucket_cap_mb=0.005,
+                                first_bucket_cap_mb=0.005)
+    return shard_map_updates(tx, stacked, mesh8, "data", steps=2)
+
+  monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", "1")
+  chained, chained_state = run()
+  monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", "0")
+  merged, merged_state = run()
+  for got, want in zip(jax.tree.leaves((chained, chained_state)),
+                       jax.tree.leaves((merged, merged_state))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
