@@ -25,6 +25,8 @@ all-reduce combiner merges every bucket into one all-reduce after the backward p
 With ``--gbit G > 0`` the processes run in a private network namespace whose loopback is
 rate-limited with ``tc tbf`` (as ``bench_cluster.py``; skipped with a message where
 ``unshare -n``/``tc`` are missing). torch rows are skipped when torch is not installed.
+``--trace DIR`` also traces one synced step of rank 0 with ``jax.profiler`` per ddp_jax
+side and writes its kernels and collectives, in start order and by thread, beside the table.
 Writes benchmarks/out/overlap_<N>proc_<link>.{json,md}.
 """
 
@@ -179,7 +181,32 @@ def run_jax(args):
     fn()
   barrier = lambda: ddp_jax.verify_replicas({})  # noqa: E731
   out = triples([run_local, step, run_comm], args.steps, barrier)
+  if args.trace:  # one synced step under jax.profiler, rank 0 only
+    barrier()
+    if rank == 0:
+      with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+        step()
+    else:
+      step()
   return rank, gather_max(out + runtime_probe(mesh, loss, params, batch, barrier), "jax")
+
+
+def timeline(trace_dir, min_ms=3.0) -> str:
+  """The XLA kernels and collectives of a jax.profiler trace that took ``min_ms`` or
+  more, in start order: start, duration, thread, name."""
+  import glob
+  import gzip
+  path = sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]
+  data = json.load(gzip.open(path))
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  threads = {e["tid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  ops = [e for e in events if e.get("ph") == "X" and e.get("dur", 0) >= min_ms * 1e3
+         and not e["name"].startswith(("$", "ThunkExecutor", "SlinkyThreadPool"))]
+  t0 = min(e["ts"] for e in ops)
+  return "\n".join(f"{(e['ts'] - t0) / 1e3:9.1f} ms  +{e['dur'] / 1e3:7.1f} ms  "
+                   f"{threads.get(e['tid'], e['tid'])[:24]:24s}  {e['name']}"
+                   for e in sorted(ops, key=lambda e: e["ts"]))
 
 
 def runtime_probe(mesh, loss, params, batch, barrier, steps=3):
@@ -231,6 +258,9 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=int, default=600, help="seconds per launch")
   p.add_argument("--out", default=str(HERE / "out"))
   p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+  p.add_argument("--trace", default=None, metavar="DIR",
+                 help="also trace one synced step of rank 0 (jax.profiler) per ddp_jax side "
+                      "and write its kernel/collective timeline next to the table")
   p.add_argument("--child", nargs=2, metavar=("BACKEND", "FILE"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
@@ -266,10 +296,14 @@ def main(argv=None) -> int:
   for rnd in range(args.rounds):
     for backend, label, extra in backends:
       tmp = Path(f"{stem}.{backend}.tmp")
+      trace = None
+      if args.trace and backend == "jax":
+        trace = str(Path(args.trace).resolve() / f"chain{extra['DDP_JAX_BUCKET_CHAIN']}_{rnd}")
       cmd = [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
              "--cpu-devices", "1", "--compilation-cache", "off", __file__,
              "--layers", str(args.layers), "--width", str(args.width), "--batch",
-             str(args.batch), "--steps", str(args.steps), "--child", backend, str(tmp)]
+             str(args.batch), "--steps", str(args.steps), *(["--trace", trace] if trace else []),
+             "--child", backend, str(tmp)]
       if args.gbit > 0:
         cmd = ["unshare", "-n", "sh", "-c",
                f"ip link set lo up && tc qdisc add dev lo root tbf rate {args.gbit}gbit "
@@ -286,6 +320,11 @@ def main(argv=None) -> int:
         return done.returncode
       compute, synced, comm, *probe = json.loads(tmp.read_text())
       tmp.unlink()
+      if trace:
+        text = timeline(trace)
+        Path(f"{stem}.timeline_chain{extra['DDP_JAX_BUCKET_CHAIN']}.txt").write_text(
+            f"{label}: rank 0, one synced step\n{text}\n")
+        print(f"{label}: rank 0's kernels and collectives of one synced step:\n{text}")
       rows.setdefault(label, []).append(
           {"compute_s": compute, "with_sync_s": synced, "communication_s": comm})
       if probe:

@@ -387,8 +387,9 @@ def _chained() -> bool:
   """Whether bucket k+1 is sent after bucket k's result (``_after``), read at trace time
   from ``DDP_JAX_BUCKET_CHAIN`` (default ``"0"``: XLA merges the buckets' all-reduces).
   Opt-in because it did not pay on CPU (``benchmarks/bench_overlap.py``: overhead /
-  communication 0.96 chained vs 0.98 merged at 1 Gbit/s, and slower steps in absolute
-  terms) and is unmeasured on GPU, where XLA's scheduler overlaps its own combined
+  communication 0.96-0.97 chained vs 0.98-0.99 merged at 1 Gbit/s; XLA:CPU runs a
+  collective inline on the thread that readied it, and the backward kernels queued there
+  wait) and is unmeasured on GPU, where XLA's latency-hiding scheduler overlaps its own
   asynchronous all-reduces."""
   mode = os.environ.get("DDP_JAX_BUCKET_CHAIN", "0")
   if mode not in CHAIN_MODES:
