@@ -20,6 +20,9 @@ HOOKS = {
     "fp16_wrapper_allgather": (lambda: hooks.fp16_compress_wrapper(
         hooks.allgather_then_aggregate()), 2e-3),
     "allgather_then_aggregate": (hooks.allgather_then_aggregate, 1e-6),
+    "bf16_wrapper_allreduce": (lambda: hooks.bf16_compress_wrapper(hooks.allreduce()), 1e-2),
+    "compress_wrapper_f16_allgather": (lambda: hooks.compress_wrapper(
+        hooks.allgather_then_aggregate(), jnp.float16), 2e-3),
     "quantize_per_tensor": (hooks.quantize_per_tensor, 1e-2),
     "quantize_per_channel": (lambda: hooks.quantize_per_channel(64), 1e-2),
     "int8_allreduce": (hooks.int8_allreduce, 1e-2),

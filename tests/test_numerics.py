@@ -109,6 +109,7 @@ _LOST, _INF = "lost", "not finite"
 FP16_LIMITS = {"tiny": _LOST, "huge": _INF}
 RANGE_LIMITS = {
     "fp16_compress": FP16_LIMITS, "fp16_wrapper_allgather": FP16_LIMITS,
+    "compress_wrapper_f16_allgather": FP16_LIMITS,
     "fp16_wrapper_powersgd": FP16_LIMITS, "error_feedback_fp16": FP16_LIMITS,
     "by_path": {"tiny": _LOST, "huge": _INF, "exempt": ("bias", "scale")},  # fp16 but these
     "quantize_per_tensor": {"tiny": _LOST}, "quantize_per_channel": {"tiny": _LOST},
