@@ -74,7 +74,7 @@ def main(argv=None):
            f"global batch 128, per-replica gradients; test accuracy "
            + (f"mean over seeds {args.seeds} (min-max)" if seeds > 1 else f"seed {args.seeds[0]}")
            + "; bytes one replica sends per step (ring algorithms).", "",
-           "| hook | test accuracy | vs allreduce (pp) | KiB sent / step | less than all-reduce |",
+           "| hook | test accuracy | vs allreduce (pp) | KiB sent / step | fewer bytes than all-reduce |",
            "|---|---:|---:|---:|---:|"]
   for h, rs in by_hook.items():
     accs = [r["accuracy"] for r in rs]

@@ -132,6 +132,18 @@ def is_communicated(leaf: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact)) and math.prod(leaf.shape) > 0
 
 
+def _against_allreduce(sent: float, base: float) -> str:
+  """How a hook's bytes compare with an all-reduce of the same buckets, in words."""
+  if not sent or not base:
+    return ""
+  ratio = base / sent
+  if f"{ratio:.1f}" == "1.0":
+    return ", as many bytes as all-reducing the buckets"
+  if ratio > 1:
+    return f", {ratio:.1f}x fewer bytes than all-reducing the buckets"
+  return f", {1 / ratio:.1f}x the bytes of all-reducing the buckets"
+
+
 def path_str(path) -> str:
   """``['layer']['kernel']``: a leaf's path as jax prints it. A trailing ``.value`` (the
   box of a flax ``nnx.Variable``) is left out, so a parameter has one name whether
@@ -231,10 +243,9 @@ class BucketPlan:
         f"{len(self.leaf_paths) - skipped} leaves; {skipped} leaves not communicated.")
     if wire is not None:
       sent, base = sum(w[0] for w in wire), sum(w[2] for w in wire)
-      lines.append(f"per step and replica: {_human(sent)} sent in "
-                   f"{sum(w[1] for w in wire)} collective calls"
-                   + (f", {base / sent:.1f}x less than all-reducing the buckets"
-                      if sent else ""))
+      calls = sum(w[1] for w in wire)
+      lines.append(f"per step and replica: {_human(sent)} sent in {calls} collective "
+                   f"call{'' if calls == 1 else 's'}{_against_allreduce(sent, base)}")
     return "\n".join(lines)
 
   def __str__(self) -> str:

@@ -621,7 +621,10 @@ def sync_gradients(
 
 def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
              world_size: int | None = None) -> str:
-  """A human table of what a sync sends: buckets, bytes, hook traffic. Prints it too.
+  """A human table of what a sync sends: buckets, bytes, hook traffic.
+
+  Returns the table as a string (it displays as the table in a REPL; ``print`` it in
+  a script).
 
   Args:
     plan_or_tx: a :class:`BucketPlan`, or the transformation made by
@@ -635,11 +638,11 @@ def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
   Examples:
     >>> import jax.numpy as jnp, ddp_jax
     >>> tx = ddp_jax.sync_gradients("data")
-    >>> text = ddp_jax.describe(tx, {"w": jnp.zeros((8, 8))}, world_size=8)
+    >>> ddp_jax.describe(tx, {"w": jnp.zeros((8, 8))}, world_size=8)
     sync over 'data' with 8 replicas, hook allreduce
     bucket  dtype    leaves  elements  bytes  sent   ratio  calls  first leaf  last leaf
     ...
-    per step and replica: 448 B sent in 1 collective calls, 1.0x less than all-reducing the buckets
+    per step and replica: 448 B sent in 1 collective call, as many bytes as all-reducing the buckets
   """
   world = jax.device_count() if world_size is None else int(world_size)
   if isinstance(plan_or_tx, BucketPlan):
@@ -657,9 +660,14 @@ def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
     hook = config["hook"]
     head = (f"sync over {config['axis_name']!r} with {world} replicas, hook "
             f"{_hook_name(hook)}\n")
-  text = head + plan.summary(wire=_wire_rows(plan, hook, world))
-  print(text)
-  return text
+  return Table(head + plan.summary(wire=_wire_rows(plan, hook, world)))
+
+
+class Table(str):
+  """Text that a REPL displays as itself (not as a quoted string with ``\\n``)."""
+
+  def __repr__(self) -> str:
+    return str(self)
 
 
 def verify_sync(tx, grads) -> None:

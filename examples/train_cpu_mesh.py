@@ -135,12 +135,14 @@ def main(argv=None):
   args = parse_args(argv)
   set_devices(args.devices)
   result = train(args.hook, args.steps, args.batch, args.lr, args.seed)
+  if result["plan"]:
+    print(result["plan"])
   print(f"hook={args.hook} steps={args.steps} devices={result['devices']} "
         f"final loss {sum(result['losses'][-20:]) / 20:.4f} "
         f"test accuracy {result['accuracy']:.4f} "
         f"sent {result['bytes_sent'] / 1024:.1f} KiB/step/replica "
-        f"({result['bytes_uncompressed'] / max(result['bytes_sent'], 1):.1f}x less than "
-        f"all-reduce) in {result['seconds']:.1f} s")
+        f"(compression ratio {result['bytes_uncompressed'] / max(result['bytes_sent'], 1):.1f}"
+        f" against all-reduce) in {result['seconds']:.1f} s")
   os.makedirs(args.out, exist_ok=True)
   try:
     import matplotlib

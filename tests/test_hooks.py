@@ -439,7 +439,9 @@ def test_sparsifiers_conserve_on_average(mesh8, hook):
 def test_describe_a_plan_with_a_hook(capsys):
   plan = ddp_jax.plan_buckets({"w": jnp.zeros((1024,))})
   text = ddp_jax.describe(plan, hook=hooks.sign_compress(), world_size=8)
-  assert "hook sign_compress" in text and "7.8x less than all-reducing" in text
+  assert "hook sign_compress" in text and "7.8x fewer bytes than all-reducing" in text
+  assert capsys.readouterr().out == "", "describe returns the table, it does not print it"
+  assert repr(text) == str(text)  # a REPL shows the table, once
 
 
 def test_sign_and_topk_wire():

@@ -383,6 +383,11 @@ def test_stats(mesh8):
 def test_describe_and_debug_log(mesh8, capsys, monkeypatch):
   text = ddp_jax.describe(ddp_jax.sync_gradients("data", hook=hooks.noop()), tree())
   assert "hook noop" in text and "0 B sent in 0 collective calls" in text
+  assert "as many bytes as all-reducing" in ddp_jax.describe(ddp_jax.sync_gradients("data"),
+                                                             tree())
+  two = ddp_jax.describe(ddp_jax.plan_buckets({"w": jnp.zeros((1024,))}),
+                         hook=hooks.allgather_then_aggregate(), world_size=8)
+  assert "4.0x the bytes of all-reducing" in two  # (N-1) B against 2 (N-1)/N B
   assert "bucket" in ddp_jax.describe(ddp_jax.plan_buckets(tree()))
   with pytest.raises(TypeError, match="pass a BucketPlan or the transformation"):
     ddp_jax.describe(optax.chain(ddp_jax.sync_gradients("data")), tree())
