@@ -591,7 +591,7 @@ def sync_gradients(
         reduced, new_local = hook.update(bucket, local, ctx)
       _check_state(local, new_local, hook, spec.index)
       reduced = _as_leaves(reduced, bucket, hook, split=False)
-      never = _never(reduced, spec, groups)
+      never = _never(reduced, spec, groups) if chain else None
       done.append((spec, bucket, local, new_local, reduced))
     # Stateful hooks: did any replica's gradients hold a NaN or Inf? One collective of
     # one fact, checked on each bucket's raveled buffer when the hook made one (one

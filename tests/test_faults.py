@@ -68,6 +68,7 @@ def test_rank_leaving_early_is_named():
     ("hook", "hook is int8_allreduce() there, allreduce(divide='auto') here"),
     ("cap", "bucket_cap_mb is 0.0001 there, 25 here"),
     ("pack", "pack is 'variadic' there, 'auto' here"),
+    ("chain", "bucket_chain is True there, False here"),
     ("tree", "init_state: process 1 runs a different configuration than process 0: "
              "leaves[1] is ['c'] float32[9] there, ['c'] float32[8] here"),
 ])

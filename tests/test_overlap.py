@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ddp_jax
-from ddp_jax import hooks
+from ddp_jax import _axes, hooks
+from ddp_jax.inspect import collectives
 from tests.helpers import per_device_grads, shard_map_updates
 
 WIDTH, LAYERS = 256, 5
@@ -33,8 +34,8 @@ def _loss(p, batch):
 
 
 def _schedule(mesh, tx):
-  """The compiled training step's entry computation, one instruction per line, in the
-  order XLA runs it (the module is scheduled)."""
+  """Where the compiled training step's all-reduces and dots sit in its entry
+  computation, in the order XLA runs it (the module is scheduled)."""
   params = [(jnp.full((WIDTH, WIDTH), 0.01), jnp.zeros(WIDTH)) for _ in range(LAYERS)]
   state = ddp_jax.init_state(tx, params, mesh, "data")
   specs = ddp_jax.state_specs(state, "data")
@@ -48,9 +49,13 @@ def _schedule(mesh, tx):
                             out_specs=(P(), specs)))
   params = jax.device_put(params, NamedSharding(mesh, P()))
   x = jax.device_put(jnp.ones((8 * mesh.size, WIDTH)), NamedSharding(mesh, P("data")))
-  text = f.lower(params, state, x).compile().as_text()
+  report = collectives(f, params, state, x)
+  text = report.compiled_text
   assert "is_scheduled=true" in text
-  return [line.strip() for line in text[text.index("\nENTRY"):].split("\n")[1:]]
+  lines = [line.strip() for line in text[text.index("\nENTRY"):].split("\n")[1:]]
+  reduces, dots = _positions(lines)
+  assert len(reduces) == report.compiled["all-reduce"].ops  # the project's own count agrees
+  return reduces, dots
 
 
 def _positions(lines):
@@ -77,7 +82,7 @@ def test_each_bucket_is_sent_inside_the_backward_pass(mesh8, chained):
                                                        jnp.zeros(WIDTH))] * LAYERS),
                               bucket_cap_mb=0.25, first_bucket_cap_mb=0.25)
   assert plan.num_buckets == LAYERS
-  reduces, dots = _positions(_schedule(mesh8, tx))
+  reduces, dots = _schedule(mesh8, tx)
   assert len(reduces) == plan.num_buckets, "one all-reduce per bucket (pack='ravel')"
   # The first buckets (the last layers' gradients) are sent before the backward pass ends.
   assert sum(r < dots[-1] for r in reduces) >= plan.num_buckets - 2, (reduces, dots)
@@ -85,7 +90,7 @@ def test_each_bucket_is_sent_inside_the_backward_pass(mesh8, chained):
 
 @pytest.mark.parametrize("pack", ["auto", "variadic"])
 def test_buckets_stay_apart_in_every_pack_mode(mesh8, chained, pack):
-  reduces, dots = _positions(_schedule(mesh8, _tx(pack)))
+  reduces, dots = _schedule(mesh8, _tx(pack))
   assert len(reduces) >= LAYERS and reduces[0] < dots[-1], (reduces, dots)
 
 
@@ -97,7 +102,7 @@ def test_control_without_the_chain_xla_merges_every_bucket_after_the_backward(
     monkeypatch.delenv("DDP_JAX_BUCKET_CHAIN", raising=False)
   else:
     monkeypatch.setenv("DDP_JAX_BUCKET_CHAIN", mode)
-  reduces, dots = _positions(_schedule(mesh8, _tx()))
+  reduces, dots = _schedule(mesh8, _tx())
   assert len(reduces) == 1 and reduces[0] > dots[-1], (reduces, dots)
 
 
@@ -144,3 +149,32 @@ def test_the_chain_changes_no_value_nan_and_inf_included(mesh8, monkeypatch, hoo
   for got, want in zip(jax.tree.leaves((chained, chained_state)),
                        jax.tree.leaves((merged, merged_state))):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_control_optimization_barrier_does_not_keep_buckets_apart(mesh8):
+  """Why the chain is a data dependency: psums chained by ``lax.optimization_barrier``
+  lower to one all-reduce each, but XLA expands the barriers before its combiner and
+  merges them into one all-reduce after the last dot."""
+  def loss(p, x):
+    for w in p:
+      x = jnp.tanh(x @ w)
+    return jnp.mean(x ** 2)
+
+  def step(p, x):
+    g = jax.grad(loss)(_axes.to_varying(p, "data"), x)  # per-replica gradients
+    out, prev = [], None
+    for gi in reversed(g):  # gradient-ready order
+      if prev is not None:
+        gi, prev = jax.lax.optimization_barrier((gi, prev))
+      prev = jax.lax.psum(gi, "data")
+      out.append(prev[None])
+    return out
+
+  f = jax.jit(jax.shard_map(step, mesh=mesh8, in_specs=(P(), P("data")), out_specs=P("data")))
+  params = jax.device_put([jnp.full((WIDTH, WIDTH), 0.01)] * LAYERS, NamedSharding(mesh8, P()))
+  x = jax.device_put(jnp.ones((8 * mesh8.size, WIDTH)), NamedSharding(mesh8, P("data")))
+  report = collectives(f, params, x)
+  assert report.lowered["all-reduce"].ops == LAYERS
+  text = report.compiled_text
+  reduces, dots = _positions(text[text.index("\nENTRY"):].split("\n")[1:])
+  assert len(reduces) == 1 and reduces[0] > dots[-1], (reduces, dots)

@@ -32,6 +32,8 @@ if rank == 1 and mode.startswith("mismatch_"):  # rank 1 differs in one thing
     settings["pack"] = "variadic"
   elif what == "tree":
     tree["c"] = np.ones((9,), np.float32)
+  elif what == "chain":  # one rank's buckets chained, the other's merged by XLA
+    os.environ["DDP_JAX_BUCKET_CHAIN"] = "1"
 
 
 if mode == "broadcast":  # mixed dtypes, scalars, bools: process 0's values everywhere
