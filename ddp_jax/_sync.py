@@ -457,7 +457,7 @@ def sync_gradients(
       ``"auto"`` (leaves under ``ravel_below_bytes`` share one buffer, larger
       ones go alone; see ``ddp_jax._pack``).
     ravel_below_bytes: the ``"auto"`` threshold; default 64 KiB in a single
-      process, 1 MiB across processes (measured, see the README).
+      process, 1 MiB across processes (measured, see the docs: Performance).
     reduce_dtype: reduce floating gradients in this dtype and cast the result
       back (DDP ``_MixedPrecision.reduce_dtype``), e.g. ``jnp.float32`` for
       bf16 gradients.

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+__all__ = ["Counts", "Report", "collectives", "count_collectives"]
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _LINE = re.compile(
     r"=\s*(?P<type>\([^=]*?\)|[\w\[\]{},:\d]+)\s+"

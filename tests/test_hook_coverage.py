@@ -1,5 +1,5 @@
 """Every hook a user can name is tested by the shared battery and documented: adding a hook
-means one file, one battery entry and one row of the README's hook table, and this fails
+means one file, one battery entry and one row of the hook table in docs/hooks.md, and this fails
 when either of the last two is missing."""
 
 import inspect
@@ -11,7 +11,7 @@ import pytest
 from ddp_jax import hooks
 from tests.test_hooks import HOOKS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+HOOKS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
 
 # Factories the 1-D battery cannot run, and where they are tested instead.
 ELSEWHERE = {
@@ -32,10 +32,10 @@ def test_every_hook_is_in_the_battery(name):
 
 
 @pytest.mark.parametrize("name", hooks.FACTORIES)
-def test_every_hook_is_in_the_readme_table(name):
-  table = README.read_text().split("| hook | what it does |", 1)[1].split("\n\n", 1)[0]
+def test_every_hook_is_in_the_docs_hook_table(name):
+  table = HOOKS_PAGE.read_text().split("| hook | what it does |", 1)[1].split("\n\n", 1)[0]
   assert re.search(rf"`{name}\(", table), (
-      f"hooks.{name} is missing from the README's hook table (| hook | what it does | ...).")
+      f"hooks.{name} is missing from the hook table in docs/hooks.md (| hook | what it does | ...).")
 
 
 def test_exceptions_are_real_hooks():

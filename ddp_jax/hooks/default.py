@@ -34,7 +34,7 @@ def allreduce(divide: str = "auto") -> CommHook:
       overflowing); ``"after"`` lets XLA fuse the division into the consumer
       of the all-reduce instead of making a divided copy of every gradient
       first (about 2x faster on a CPU mesh for ResNet-50-sized trees, see the
-      README). ``"auto"``: before for 16-bit floats, after otherwise.
+      docs: How it works). ``"auto"``: before for 16-bit floats, after otherwise.
 
   Examples:
     >>> import jax, jax.numpy as jnp, ddp_jax
