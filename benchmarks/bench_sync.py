@@ -103,7 +103,7 @@ def make_step(method, mesh, axis="data", inner=1):
     # Each replica returns its own result (noop() and local-SGD hooks are not replicated).
     g = jax.tree.map(lambda x: x[0], g)
     if inner > 1:  # chained syncs in one program: device time without dispatch overhead
-      from ddp_jax.hooks._base import as_varying
+      from ddp_jax.hooks._collectives import as_varying
       g = jax.lax.fori_loop(0, inner, lambda i, c: as_varying(sync(c), axis), g)
     else:
       g = sync(g)

@@ -3,6 +3,7 @@
 from ddp_jax import hooks, inspect
 from ddp_jax._accumulate import AccumulateState, accumulate
 from ddp_jax._averaging import PeriodicAverageState, periodic_model_average
+from ddp_jax._config import SyncConfig
 from ddp_jax._data import global_batch, shard_indices
 from ddp_jax._distributed import (
     broadcast_from_process0,
@@ -15,7 +16,14 @@ from ddp_jax._grad import grad, value_and_grad
 from ddp_jax._plan import BucketPlan, BucketSpec, compute_bucket_assignment_by_size, plan_buckets
 from ddp_jax._replica import init_state, replicate, resize_state, shard, state_specs
 from ddp_jax._step import DataParallelStep, data_parallel
-from ddp_jax._sync import SyncState, SyncStats, describe, sync_gradients, verify_sync
+from ddp_jax._sync import (
+    SyncGradients,
+    SyncState,
+    SyncStats,
+    describe,
+    sync_gradients,
+    verify_sync,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +40,8 @@ __all__ = [
     "verify_sync",
     "BucketPlan",
     "BucketSpec",
+    "SyncConfig",
+    "SyncGradients",
     "SyncState",
     "SyncStats",
     "compute_bucket_assignment_by_size",

@@ -11,6 +11,7 @@ from jax import lax
 
 from ddp_jax import _replica
 from ddp_jax._plan import is_communicated
+from ddp_jax._validate import check_int
 
 
 def _is_none(x) -> bool:
@@ -63,8 +64,7 @@ def accumulate(tx: optax.GradientTransformation, k: int, *,
     >>> print(u1, u2)
     [0. 0. 0. 0.] [-3. -3. -3. -3.]
   """
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"accumulate: k must be an int >= 1 (micro-batches per update), got {k!r}.")
+  check_int(k, 1, "accumulate: k", " (micro-batches per update)")
   tx = optax.with_extra_args_support(tx)
 
   def zeros(tree):

@@ -10,6 +10,7 @@ import optax
 from jax import lax
 
 from ddp_jax._axes import check_axis_name
+from ddp_jax._validate import check_int
 
 
 class PeriodicAverageState(NamedTuple):
@@ -35,8 +36,7 @@ def periodic_model_average(period: int, axis_name) -> optax.GradientTransformati
     >>> print(u1, u2)
     [0. 0.] [ 1. -1.]
   """
-  if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-    raise ValueError(f"periodic_model_average: period must be an int >= 1, got {period!r}.")
+  check_int(period, 1, "periodic_model_average: period")
   check_axis_name(axis_name)
 
   def init_fn(params):

@@ -23,13 +23,15 @@ across processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 from ddp_jax._plan import BucketSpec
 
-PACK_MODES = ("auto", "ravel", "variadic")
+Pack = Literal["auto", "ravel", "variadic"]
+PACK_MODES = get_args(Pack)
 RAVEL_BELOW_ONE_PROCESS = 64 << 10
 RAVEL_BELOW_MULTI_PROCESS = 1 << 20
 
@@ -61,7 +63,7 @@ def split_shapes(buffer: jax.Array, shapes) -> list[jax.Array]:
   return out
 
 
-def operand_groups(spec: BucketSpec, mode: str,
+def operand_groups(spec: BucketSpec, mode: Pack,
                    ravel_below: int | None = None) -> tuple[tuple[int, ...], ...]:
   """Positions (within the bucket) of the leaves that make up each operand.
 

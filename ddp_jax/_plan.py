@@ -12,14 +12,15 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 MiB = 1024 * 1024
-ORDERS = ("reverse", "forward")
+Order = Literal["reverse", "forward"]  # "reverse": gradient-ready order, DDP's
+ORDERS = get_args(Order)
 
 
 def _nbytes(leaf: Any) -> int:
@@ -182,43 +183,6 @@ class BucketPlan:
     used = {i for b in self.buckets for i in b.leaf_indices}
     return tuple(i for i in range(len(self.leaf_paths)) if i not in used)
 
-  def signature(self) -> tuple:
-    """(path, shape, dtype) of every leaf: what a state remembers of its tree."""
-    return tuple(zip(self.leaf_paths, self.leaf_shapes,
-                     (d.name for d in self.leaf_dtypes)))
-
-  def pack(self, tree) -> list[jax.Array]:
-    """Ravels each bucket into one 1-D buffer of the bucket's dtype."""
-    from ddp_jax import _pack
-    leaves = self._leaves_of(tree)
-    return [_pack.ravel([leaves[i] for i in b.leaf_indices]) for b in self.buckets]
-
-  def unpack(self, buffers: Sequence[jax.Array], like=None):
-    """Inverse of :meth:`pack`; passthrough leaves come from ``like``."""
-    from ddp_jax import _pack
-    if len(buffers) != self.num_buckets:
-      raise ValueError(f"unpack: got {len(buffers)} buffers for {self.num_buckets} buckets.")
-    if like is not None:
-      out = list(self._leaves_of(like))
-    elif self.passthrough:
-      raise ValueError(
-          "unpack: this plan has leaves that are not bucketed "
-          f"(first: {self.leaf_paths[self.passthrough[0]]}); pass `like=tree` "
-          "to take them from the original tree.")
-    else:
-      out = [None] * len(self.leaf_paths)
-    for spec, buf in zip(self.buckets, buffers):
-      for i, leaf in zip(spec.leaf_indices, _pack.split(buf, spec)):
-        out[i] = leaf
-    return jax.tree_util.tree_unflatten(self.treedef, out)
-
-  def _leaves_of(self, tree) -> list:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if treedef != self.treedef:
-      raise ValueError(
-          f"tree structure {treedef} does not match the plan's {self.treedef}.")
-    return leaves
-
   def summary(self, wire=None) -> str:
     """A readable table of the buckets.
 
@@ -258,7 +222,7 @@ def _human(n: float) -> str:
     if n < 1024 or unit == "GiB":
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
     n /= 1024
-  return str(n)
+  raise AssertionError("unreachable: GiB is the last unit")
 
 
 def _check_cap(name: str, value: float) -> None:
@@ -289,7 +253,7 @@ def plan_buckets(
     *,
     bucket_cap_mb: float = 25,
     first_bucket_cap_mb: float = 1,
-    order: str = "reverse",
+    order: Order = "reverse",
     bucket_indices: Sequence[Sequence[int]] | None = None,
     bucket_caps_mb: Sequence[float] | None = None,
 ) -> BucketPlan:

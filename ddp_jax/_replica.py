@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddp_jax import _faults
 from ddp_jax._axes import check_axis_name
+from ddp_jax._validate import check_int
 
 # class -> (per-replica field names, whether the fields carry the leading replica axis)
 _PER_REPLICA: dict[type, tuple[tuple[str, ...], bool]] = {}
@@ -219,12 +220,11 @@ def resize_state(state: Any, num_replicas: int) -> Any:
     >>> import jax.numpy as jnp, optax, ddp_jax
     >>> tx = ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.topk(0.5))
     >>> state = ddp_jax.resize_state(tx.init({"w": jnp.zeros(4)}), 3)
-    >>> state.hook_states[0]["residual"].shape
+    >>> state.hook_states[0].residual.shape
     (3, 4)
   """
   import numpy as np
-  if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-    raise ValueError(f"resize_state: num_replicas must be an int >= 1, got {num_replicas!r}.")
+  check_int(num_replicas, 1, "resize_state: num_replicas")
 
   def resized(cls, name, value, leading_axis):
     def leaf(path, x):

@@ -15,16 +15,10 @@ import optax
 from jax import lax
 
 from ddp_jax import _axes, _faults, _pack, _replica
-from ddp_jax._plan import ORDERS, BucketPlan, bucket_limits, is_communicated, plan_buckets
-from ddp_jax.hooks._base import (
-    CommHook,
-    GradBucket,
-    HookContext,
-    allreduce_bytes,
-    hook_config,
-    is_hook,
-    wire_cost,
-)
+from ddp_jax._config import InvariantGrads, Order, Pack, SyncConfig
+from ddp_jax._plan import BucketPlan, is_communicated, plan_buckets
+from ddp_jax.hooks._protocol import CommHook, GradBucket, HookContext, hook_config
+from ddp_jax.hooks._wire import allreduce_bytes, wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
@@ -74,8 +68,12 @@ _replica.RESIZABLE.add(SyncState)
 
 
 def _register_flax_serialization() -> None:
-  """Lets ``flax.serialization`` (msgpack checkpoints) save and restore a SyncState."""
-  from flax import serialization
+  """Lets ``flax.serialization`` (msgpack checkpoints) save and restore a SyncState, when
+  flax is installed (it is optional: nothing else here needs it)."""
+  try:
+    from flax import serialization
+  except ImportError:
+    return
 
   def to_dict(state):
     return {"hook_states": serialization.to_state_dict(state.hook_states),
@@ -241,9 +239,6 @@ def _check_participating(participating):
         "Inside shard_map, pass the local element, e.g. has_data[0] of a P(axis)-sharded "
         "array.")
   return jnp.maximum(flag.astype(jnp.int32), 0)
-
-
-INVARIANT_GRADS = ("error", "summed")
 
 
 def _per_replica(leaves: list, plan: BucketPlan, axis_name, size: int, invariant_grads: str,
@@ -419,15 +414,15 @@ def sync_gradients(
     hook: CommHook | None = None,
     bucket_cap_mb: float = 25,
     first_bucket_cap_mb: float = 1,
-    order: str = "reverse",
+    order: Order = "reverse",
     bucket_indices: Sequence[Sequence[int]] | None = None,
     bucket_caps_mb: Sequence[float] | None = None,
-    pack: str = "auto",
+    pack: Pack = "auto",
     ravel_below_bytes: int | None = None,
     reduce_dtype: Any = None,
     gradient_predivide_factor: float | None = None,
-    invariant_grads: str = "error",
-) -> optax.GradientTransformationExtraArgs:
+    invariant_grads: InvariantGrads = "error",
+) -> SyncGradients:
   """Averages gradients across ``axis_name`` in DDP-style buckets.
 
   The gradient tree is planned into buckets by dtype and byte cap
@@ -486,48 +481,43 @@ def sync_gradients(
     >>> print(jax.vmap(step, axis_name="i")(params, grads)["w"][0])
     [-1.5 -1.5]
   """
-  _axes.check_axis_name(axis_name)
-  hook = allreduce() if hook is None else hook
-  if invariant_grads not in INVARIANT_GRADS:
-    raise ValueError(
-        f"invariant_grads must be one of {INVARIANT_GRADS}, got {invariant_grads!r}.")
-  if not is_hook(hook):
-    raise TypeError(
-        f"hook must be a CommHook(init, update), e.g. ddp_jax.hooks.allreduce(); "
-        f"got {hook!r}.")
-  if order not in ORDERS:
-    raise ValueError(f"order must be one of {ORDERS}, got {order!r}.")
-  if pack not in _pack.PACK_MODES:
-    raise ValueError(f"pack must be one of {_pack.PACK_MODES}, got {pack!r}.")
-  if ravel_below_bytes is not None and (
-      not isinstance(ravel_below_bytes, int) or ravel_below_bytes < 0):
-    raise ValueError(
-        f"ravel_below_bytes must be a non-negative int, got {ravel_below_bytes!r}.")
-  if reduce_dtype is not None:
-    reduce_dtype = jnp.dtype(reduce_dtype)
-    if not jnp.issubdtype(reduce_dtype, jnp.floating):
-      raise ValueError(f"reduce_dtype must be a floating dtype, got {reduce_dtype}.")
-  if gradient_predivide_factor is not None and not (
-      isinstance(gradient_predivide_factor, (int, float))
-      and np.isfinite(gradient_predivide_factor) and gradient_predivide_factor > 0):
-    raise ValueError(
-        f"gradient_predivide_factor must be a positive finite number, got "
-        f"{gradient_predivide_factor!r}.")
-  bucket_limits(bucket_cap_mb, first_bucket_cap_mb, bucket_caps_mb)  # validates the caps
-  plan_kwargs = dict(bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=first_bucket_cap_mb,
-                     order=order, bucket_indices=bucket_indices, bucket_caps_mb=bucket_caps_mb)
-  settings = dict(plan_kwargs, pack=pack, ravel_below_bytes=ravel_below_bytes,
-                  reduce_dtype=None if reduce_dtype is None else reduce_dtype.name,
-                  gradient_predivide_factor=gradient_predivide_factor,
-                  invariant_grads=invariant_grads)
+  config = SyncConfig(
+      axis_name, allreduce() if hook is None else hook, bucket_cap_mb=bucket_cap_mb,
+      first_bucket_cap_mb=first_bucket_cap_mb, order=order, bucket_indices=bucket_indices,
+      bucket_caps_mb=bucket_caps_mb, pack=pack, ravel_below_bytes=ravel_below_bytes,
+      reduce_dtype=reduce_dtype, gradient_predivide_factor=gradient_predivide_factor,
+      invariant_grads=invariant_grads)
+  return SyncGradients.of(config)
 
-  def cast(tree):
-    if reduce_dtype is None:
-      return tree
-    return jax.tree.map(lambda x: x.astype(reduce_dtype) if is_communicated(x) else x, tree)
+
+class SyncGradients(optax.GradientTransformationExtraArgs):
+  """The transformation :func:`sync_gradients` returns: an optax
+  ``GradientTransformationExtraArgs`` (``init``, ``update``) that also carries its
+  :class:`SyncConfig` as ``.config`` (read by :func:`describe` and :func:`verify_sync`).
+
+  Examples:
+    >>> import optax, ddp_jax
+    >>> sync = ddp_jax.sync_gradients("data")
+    >>> isinstance(sync, optax.GradientTransformationExtraArgs), sync.config.order
+    (True, 'reverse')
+  """
+
+  config: SyncConfig
+
+  @classmethod
+  def of(cls, config: SyncConfig) -> SyncGradients:
+    init_fn, update_fn = _transformation(config)
+    tx = cls(init_fn, update_fn)
+    tx.config = config
+    return tx
+
+
+def _transformation(config: SyncConfig):
+  """The pure ``init`` and ``update`` functions of a sync configured by ``config``."""
+  hook, axis_name = config.hook, config.axis_name
 
   def init_fn(params):
-    plan = plan_buckets(jax.eval_shape(cast, params), **plan_kwargs)
+    plan = config.plan(params)
     states = tuple(_replica.expand(hook.init(spec)) for spec in plan.buckets)
     return SyncState(states, _stats(plan, hook, 1, 0, 0), _signature(plan),
                      jnp.asarray(_tag(plan, hook)))
@@ -539,8 +529,8 @@ def sync_gradients(
           f"sync_gradients: state must be the SyncState made by init, got "
           f"{type(state).__name__}.")
     original = jax.tree_util.tree_leaves(updates)
-    updates = cast(updates)
-    plan = plan_buckets(updates, **plan_kwargs)
+    updates = config.cast(updates)
+    plan = plan_buckets(updates, **config.plan_kwargs)
     if _signature(plan) != state.signature:
       raise ValueError(
           "sync_gradients: the gradient tree differs from the tree seen at init "
@@ -550,14 +540,14 @@ def sync_gradients(
     _debug_log(plan, hook, axis_name, size)
     chain = _chained()
     _faults.record(dict(fingerprint(plan, hook, axis_name, size,
-                                    dict(settings, bucket_chain=chain)),
+                                    dict(config.settings, bucket_chain=chain)),
                         tag=_tag(plan, hook).tolist()))
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
           f"sync_gradients: the state holds {len(state.hook_states)} bucket states, the plan "
           f"has {plan.num_buckets} buckets. Was it made with other bucket settings?")
     leaves = _per_replica(jax.tree_util.tree_leaves(updates), plan, axis_name, size,
-                          invariant_grads, participating)
+                          config.invariant_grads, participating)
     sent = [i for spec in plan.buckets for i in spec.leaf_indices]
     # Participation, replica-wide, in one collective: [took part, weight].
     facts = []
@@ -574,18 +564,18 @@ def sync_gradients(
       count, total = facts
     ctx = HookContext(axis_name, size, flag,
                       None if total is None else jnp.maximum(total, 1),
-                      None if gradient_predivide_factor is None
-                      else float(gradient_predivide_factor), weight)
+                      None if config.gradient_predivide_factor is None
+                      else float(config.gradient_predivide_factor), weight)
     out = list(original)
     never = None  # the previous bucket's result, read (see _after)
     done = []  # per bucket: (spec, bucket, old local state, new local state, result)
     for spec, hook_state in zip(plan.buckets, state.hook_states):
       _check_restored(spec, hook_state, hook)
-      groups = _pack.operand_groups(spec, pack, ravel_below_bytes)
+      groups = config.operand_groups(spec)
       mine = [leaves[i] for i in spec.leaf_indices]
       if never is not None and chain:
         mine = _after(mine, groups, never)
-      bucket = GradBucket(spec, mine, groups, spec.index == plan.num_buckets - 1)
+      bucket = GradBucket(spec, mine, groups)
       local = _replica.squeeze(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)
@@ -614,9 +604,7 @@ def sync_gradients(
     return (jax.tree_util.tree_unflatten(plan.treedef, out),
             SyncState(tuple(new_states), stats, state.signature, tag))
 
-  update_fn.ddp_config = dict(hook=hook, plan_kwargs=plan_kwargs, cast=cast, axis_name=axis_name,
-                              settings=settings)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init_fn, update_fn
 
 
 def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
@@ -649,16 +637,15 @@ def describe(plan_or_tx, grads=None, *, hook: CommHook | None = None,
     plan, hook = plan_or_tx, hook or allreduce()
     head = f"{world} replicas, hook {_hook_name(hook)}\n"
   else:
-    config = getattr(getattr(plan_or_tx, "update", None), "ddp_config", None)
-    if config is None:
+    if not isinstance(plan_or_tx, SyncGradients):
       raise TypeError(
           "describe: pass a BucketPlan or the transformation returned by "
           f"ddp_jax.sync_gradients (not a chain around it); got {type(plan_or_tx).__name__}.")
     if grads is None:
       raise ValueError("describe: a transformation needs the gradient tree (grads=...).")
-    plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
-    hook = config["hook"]
-    head = (f"sync over {config['axis_name']!r} with {world} replicas, hook "
+    config = plan_or_tx.config
+    plan, hook = config.plan(grads), config.hook
+    head = (f"sync over {config.axis_name!r} with {world} replicas, hook "
             f"{_hook_name(hook)}\n")
   return Table(head + plan.summary(wire=_wire_rows(plan, hook, world)))
 
@@ -687,15 +674,14 @@ def verify_sync(tx, grads) -> None:
     >>> import jax.numpy as jnp, ddp_jax
     >>> ddp_jax.verify_sync(ddp_jax.sync_gradients("data"), {"w": jnp.zeros(3)})
   """
-  config = getattr(getattr(tx, "update", None), "ddp_config", None)
-  if config is None:
+  if not isinstance(tx, SyncGradients):
     raise TypeError(
         "verify_sync: pass the transformation returned by ddp_jax.sync_gradients (not a "
         f"chain around it); got {type(tx).__name__}.")
-  plan = plan_buckets(jax.eval_shape(config["cast"], grads), **config["plan_kwargs"])
-  _faults.agree("verify_sync", [fingerprint(plan, config["hook"], config["axis_name"], None,
-                                            dict(config["settings"],
-                                                 bucket_chain=_chained()))])
+  config = tx.config
+  _faults.agree("verify_sync", [fingerprint(config.plan(grads), config.hook, config.axis_name,
+                                            None, dict(config.settings,
+                                                       bucket_chain=_chained()))])
 
 
 def check_state_tags(states: list, records: list) -> None:

@@ -44,7 +44,7 @@ def test_half_compress_within_one_ulp(mesh8, seed, name, tdtype):
   ours = synced(getattr(hooks, name)(), {"b": x}, mesh8)["b"][0]
   # DDP: buffer.to(half).div_(world_size); all_reduce (sum); copy back to f32.
   t = torch.from_numpy(x).to(getattr(torch, tdtype)).div_(N)
-  # ddp_jax sums DDP's 16-bit inputs in f32 and rounds once (hooks._base.sum_16bit; XLA:CPU
+  # ddp_jax sums DDP's 16-bit inputs in f32 and rounds once (hooks._collectives.sum_16bit; XLA:CPU
   # promotes bf16 likewise): the exact sum of DDP's inputs, rounded to the 16-bit type.
   exact = t.double().sum(0)
   theirs = exact.to(getattr(torch, tdtype)).to(torch.float32).numpy()

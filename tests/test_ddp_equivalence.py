@@ -121,7 +121,7 @@ def test_data_parallel_step_equals_one_device(mesh8, hook):
   assert in_specs[2] == P("data") and out_specs[2] == P()
   assert jax.tree.leaves(out_specs[0], is_leaf=lambda s: isinstance(s, P)) == [P()] * 6
   if hook is not None:  # PowerSGD's residuals and Qs are per replica
-    assert ddp_jax.state_specs(state, "data")[0].hook_states[0]["residual"] == P("data")
+    assert ddp_jax.state_specs(state, "data")[0].hook_states[0].residual == P("data")
   # Full-rank PowerSGD orthogonalizes and multiplies back: ~1e-6 relative per step.
   tol = 1e-6 if hook is None else 2e-5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), params,

@@ -385,8 +385,8 @@ def test_restoring_on_another_world_size_says_how_to_resize(mesh8):
   # Resized: the residuals' contribution to the averaged gradient is kept.
   restored8 = serialization.from_bytes(state8, saved)
   state4 = ddp_jax.resize_state(restored8, 4)
-  r8 = np.asarray(restored8[0].hook_states[0]["residual"])
-  r4 = np.asarray(state4[0].hook_states[0]["residual"])
+  r8 = np.asarray(restored8[0].hook_states[0].residual)
+  r4 = np.asarray(state4[0].hook_states[0].residual)
   assert r8.shape[0] == 8 and r4.shape[0] == 4 and np.any(r8)
   # Every new replica holds the exact mean of the saved residuals, rounded once to f32
   # (|error| <= 2**-24 relative), so sum(r4)/4 == sum(r8)/8 up to that rounding.
@@ -404,12 +404,12 @@ def test_resize_keeps_replica_equal_state_and_refuses_partial_sums():
   state = jax.tree.map(lambda x: np.repeat(np.asarray(x), 3, axis=0) if np.ndim(x) else x,
                        state)
   big = ddp_jax.resize_state(state, 5)
-  for key in ("q", "qs"):
-    if key in big.hook_states[0]:
-      for a, b in zip(jax.tree.leaves(big.hook_states[0][key]),
-                      jax.tree.leaves(state.hook_states[0][key])):
-        assert a.shape[0] == 5
-        np.testing.assert_array_equal(a[4], np.asarray(b)[0])
+  assert isinstance(big.hook_states[0], ddp_jax.hooks.PowerSGDState)
+  for key in ("qs", "key", "iter"):  # replica-equal state: replica 0's, on every new replica
+    for a, b in zip(jax.tree.leaves(getattr(big.hook_states[0], key)),
+                    jax.tree.leaves(getattr(state.hook_states[0], key))):
+      assert a.shape[0] == 5
+      np.testing.assert_array_equal(a[4], np.asarray(b)[0])
   acc = ddp_jax.accumulate(optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(1.0)), 2)
   astate = acc.init({"w": jnp.ones(3)})
   ddp_jax.resize_state(astate, 4)  # zero sums: fine

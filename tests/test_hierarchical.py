@@ -49,7 +49,7 @@ def test_only_the_compressed_shard_crosses_nodes(mesh2x4):
   assert_mean(jax.tree.map(lambda x: np.asarray(x)[None], u), g, rtol=0, atol=3e-3)
   report = collectives(fn, *args).lowered
   # Across nodes (groups of 2 replicas): one f16 shard of 155 elements per bucket, summed
-  # on CPU by an all-to-all and an all-gather of its 16-bit words (hooks._base.sum_16bit;
+  # on CPU by an all-to-all and an all-gather of its 16-bit words (hooks._collectives.sum_16bit;
   # padded to 156, a multiple of 2): a ring all-reduce's bytes.
   assert "all-reduce" not in report
   assert report["all-to-all"].bytes_by_group_size == {2: 156 * 2}

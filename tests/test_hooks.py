@@ -135,7 +135,7 @@ def test_error_feedback_conserves_gradients(mesh8):
     u, state = fn(state, ddp_jax.shard(g, mesh8, "data"))
     applied += np.asarray(u["w"], np.float64)
     true += np.asarray(g["w"], np.float64)
-  residual = np.asarray(state.hook_states[0]["residual"], np.float64)
+  residual = np.asarray(state.hook_states[0].residual, np.float64)
   np.testing.assert_allclose(applied + residual, true, atol=1e-4)
   assert np.abs(residual).max() > 0  # the hook is lossy: something was fed back
 
@@ -289,16 +289,16 @@ def test_powersgd_vanilla_until_start_then_compresses(mesh8):
   for t in range(4):
     u, state = fn(state, gs)
     hs = jax.tree.map(np.asarray, state.hook_states)[0]
-    assert int(hs["iter"][0]) == t + 1
+    assert int(hs.iter[0]) == t + 1
     if t < 2:
       assert_mean(u, g, rtol=1e-5, atol=1e-5)
-      assert np.all(hs["residual"] == 0)
+      assert np.all(hs.residual == 0)
     else:
       # The bias is all-reduced uncompressed; the low-rank kernel is close, not exact.
       assert_mean(u["bias"], g["bias"], rtol=1e-5, atol=1e-5)
       err = np.abs(np.asarray(u["w"])[0] - np.asarray(g["w"]).mean(0)).max()
       assert 0 < err < 0.5 * np.abs(np.asarray(g["w"])).max()
-      assert np.all(hs["rel_error"] > 0) and np.all(hs["residual_norm"] > 0)
+      assert np.all(hs.rel_error > 0) and np.all(hs.residual_norm > 0)
   costs = hooks.wire_bytes(hook, ddp_jax.plan_buckets(params), 8)
   full = hooks.wire_bytes(hooks.allreduce(), ddp_jax.plan_buckets(params), 8)
   assert sum(c.bytes for c in costs) < 0.25 * sum(c.bytes for c in full)
@@ -320,7 +320,7 @@ def test_powersgd_error_feedback_conserves(mesh8):
     u, state = fn(state, ddp_jax.shard(g, mesh8, "data"))
     applied = applied + flat(u)
     true = true + flat(g)
-  residual = np.asarray(state.hook_states[0]["residual"], np.float64)
+  residual = np.asarray(state.hook_states[0].residual, np.float64)
   np.testing.assert_allclose(applied + residual, true, atol=2e-3)
 
 
@@ -344,7 +344,7 @@ def test_batched_powersgd_full_rank_exact_and_low_rank_lossy(mesh8):
   assert_mean(u, g, rtol=1e-4, atol=1e-4)
   lossy = hooks.batched_powersgd(rank=1, start_iter=0)
   u, state = run_shard_map(ddp_jax.sync_gradients("data", hook=lossy), g, mesh8, steps=2)
-  assert np.all(np.asarray(state.hook_states[0]["rel_error"]) > 0.05)
+  assert np.all(np.asarray(state.hook_states[0].rel_error) > 0.05)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -377,7 +377,7 @@ def test_schedule_switches_and_keeps_stage_states(mesh8):
   assert 1e-5 < errors[2] < 0.05  # int8
   assert errors[3] > 0.05  # rank-1 PowerSGD of a rank-2 matrix
   hs = jax.tree.map(np.asarray, state.hook_states[0])
-  assert int(hs["step"][0]) == 5 and int(hs["stages"][2]["iter"][0]) == 2
+  assert int(hs.step[0]) == 5 and int(hs.stages[2].iter[0]) == 2
 
 
 def test_by_path_routes_leaves(mesh8):
@@ -406,6 +406,13 @@ def test_by_path_routes_leaves(mesh8):
     (lambda: hooks.topk(1.5), r"ratio must be in \(0, 1\]"),
     (lambda: hooks.post_local_sgd(-1, "local"), "start_iter must be an int >= 0"),
     (lambda: ddp_jax.periodic_model_average(0, "data"), "period must be an int >= 1"),
+    # A wrapper given something that is not a hook says so when it is built (it used to
+    # fail at init with an AttributeError naming nothing).
+    (lambda: hooks.error_feedback(42), "error_feedback: hook must be a CommHook"),
+    (lambda: hooks.fp16_compress_wrapper("powersgd"), "compress_wrapper: hook must be a CommHook"),
+    (lambda: hooks.hierarchical(None, local_size=2), "hierarchical: hook must be a CommHook"),
+    (lambda: hooks.error_feedback((lambda s: (), lambda b, s, c: (b.buffer(), s))),
+     r"plain tuple of functions; wrap it: ddp_jax.hooks.CommHook\(init, update\)"),
 ])
 def test_composition_bad_args(call, match):
   with pytest.raises((ValueError, TypeError), match=match):
@@ -428,10 +435,10 @@ def test_sparsifiers_conserve_on_average(mesh8, hook):
     u, state = fn(state, ddp_jax.shard(g, mesh8, "data"))
     applied += np.asarray(u["w"], np.float64)[0]
     true += np.asarray(g["w"], np.float64)
-  residual = np.asarray(state.hook_states[0]["residual"], np.float64)
+  residual = np.asarray(state.hook_states[0].residual, np.float64)
   np.testing.assert_allclose(applied + residual.mean(0), true.mean(0), atol=1e-4)
-  rel = np.asarray(state.hook_states[0]["rel_error"])
-  norm = np.asarray(state.hook_states[0]["residual_norm"])
+  rel = np.asarray(state.hook_states[0].rel_error)
+  norm = np.asarray(state.hook_states[0].residual_norm)
   assert rel.shape == (8,) and np.all((rel > 0) & (rel < 1.5))
   np.testing.assert_allclose(norm, np.linalg.norm(residual, axis=1), rtol=1e-5)
 
@@ -472,7 +479,7 @@ def test_sign_compress_first_step_matches_per_leaf_reference(mesh8):
                                      [4096] * 20 + [1] * 40 + [100000],
                                      [2_000_000] + [1] * 200])  # the slicing fallback
 def test_segment_helpers_match_numpy(lengths):
-  from ddp_jax.hooks._base import segment_ids, segment_spread, segment_sum
+  from ddp_jax.hooks._segments import segment_ids, segment_spread, segment_sum
   tree = {f"l{i:03d}": jnp.zeros((n,)) for i, n in enumerate(lengths)}
   rng = np.random.default_rng(len(lengths))
   for spec in ddp_jax.plan_buckets(tree, bucket_cap_mb=100, first_bucket_cap_mb=100).buckets:

@@ -32,7 +32,7 @@ def test_lowered_one_call_per_bucket(mesh8, pack):
   g = ddp_jax.shard(per_device_grads(grads_tree(), 8), mesh8, "data")
   report = collectives(sync_fn(tx, mesh8), g)
   # The bf16 bucket (30 elements) is summed by an all-to-all and an all-gather of its
-  # 16-bit words (hooks._base.sum_16bit: XLA's CPU all-reduce would widen it to f32).
+  # 16-bit words (hooks._collectives.sum_16bit: XLA's CPU all-reduce would widen it to f32).
   half = [b for b in plan.buckets if b.dtype.itemsize == 2]
   assert len(half) == 1 and half[0].size == 30
   low = report.lowered["all-reduce"]

@@ -95,7 +95,7 @@ def test_nnx_optimizer_with_per_replica_hook_state(mesh8):
   model = MLP(nnx.Rngs(0))
   optimizer = ddp_jax.init_state(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param), model, mesh8,
                                  "data")
-  residual = optimizer.opt_state[0].hook_states[0]["residual"]
+  residual = optimizer.opt_state[0].hook_states[0].residual
   assert residual.shape[0] == 8
 
   def train_step(model, optimizer, x, y):
@@ -109,7 +109,7 @@ def test_nnx_optimizer_with_per_replica_hook_state(mesh8):
   for x, y in zip(xs, ys):
     model, optimizer, loss = step(model, optimizer, x, y)
     losses.append(float(loss))
-  new = optimizer.opt_state[0].hook_states[0]["residual"]
+  new = optimizer.opt_state[0].hook_states[0].residual
   assert new.shape == residual.shape and np.abs(np.asarray(new[...])).max() > 0
   assert losses[-1] < losses[0]
 

@@ -251,6 +251,9 @@ def test_error_tree_changed():
     (dict(ravel_below_bytes=-1), ValueError, "ravel_below_bytes must be a non-negative int"),
     (dict(order="random"), ValueError, "order must be one of"),
     (dict(hook=lambda b: b), TypeError, "hook must be a CommHook"),
+    # A plain (init, update) tuple passed the old check and failed later without a name.
+    (dict(hook=(lambda s: (), lambda b, s, c: (b.buffer(), s))), TypeError,
+     r"sync_gradients: hook must be a CommHook, got a plain tuple.*CommHook\(init, update\)"),
 ])
 def test_error_bad_config(kwargs, err, match):
   with pytest.raises(err, match=match):
@@ -404,6 +407,25 @@ def test_data_parallel_errors(mesh8):
                          optax.sgd(0.1))
   local_state = powersgd.init(jnp.ones((4, 3)))  # tx.init outside the mesh: one replica's
   step = ddp_jax.data_parallel(lambda p, s, x: (p, s), mesh8, "data", batch_argnums=2)
-  with pytest.raises(ValueError, match=r"argument 1 leaf \[0\].hook_states\[0\]\['iter'\] is "
+  with pytest.raises(ValueError, match=r"argument 1 leaf \[0\].hook_states\[0\].iter is "
                                        r"per-replica state.*\(1,\).*ddp_jax.init_state"):
     step(jnp.ones((4, 3)), local_state, np.ones((8, 3), np.float32))
+
+
+def test_flax_is_optional():
+  """ddp_jax needs jax, optax and numpy only: without flax it imports and syncs (flax's
+  msgpack checkpoints of a SyncState are registered only when flax is installed)."""
+  import subprocess
+  import sys
+  code = (
+      "import sys; sys.modules['flax'] = None; sys.modules['chex'] = None\n"
+      "import jax, jax.numpy as jnp, ddp_jax\n"
+      "tx = ddp_jax.sync_gradients('i')\n"
+      "g = {'w': jnp.arange(4.0)}\n"
+      "out = jax.vmap(lambda g: tx.update(g, tx.init(g))[0], axis_name='i')(g)\n"
+      "assert float(out['w'][0]) == 1.5, out\n"
+      "assert 'flax' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+      "print('ok')\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -4,33 +4,53 @@ A hook is a ``CommHook(init, update, wire=None)`` of pure functions; its state l
 the sync transformation's optax state. One file per hook family.
 """
 
-from ddp_jax.hooks._base import (
+# The hook-author toolkit: the protocol, error feedback, collectives, segments, costs.
+from ddp_jax.hooks._collectives import all_gather, as_varying, divide, sum_16bit
+from ddp_jax.hooks._feedback import (
+    FeedbackState,
+    correct,
+    next_residual,
+    quality,
+    residual_state,
+)
+from ddp_jax.hooks._protocol import (
     CommHook,
+    EmptyState,
     GradBucket,
     HookContext,
+    InitFn,
+    UpdateFn,
+    check_hook,
+    check_real,
+    init_empty,
+)
+from ddp_jax.hooks._segments import segment_ids, segment_spread, segment_sum
+from ddp_jax.hooks._wire import (
     WireCost,
     allgather_bytes,
     allreduce_bytes,
     reduce_scatter_bytes,
-    segment_ids,
-    segment_spread,
-    segment_sum,
     wire_cost,
 )
 from ddp_jax.hooks.adasum import adasum
-from ddp_jax.hooks.composition import by_path, schedule
+from ddp_jax.hooks.composition import ScheduleState, by_path, schedule
 from ddp_jax.hooks.compression import (
-    bf16_compress,
-    bf16_compress_wrapper,
-    compress_wrapper,
-    fp16_compress,
-    fp16_compress_wrapper,
+  bf16_compress,
+  bf16_compress_wrapper,
+  compress_wrapper,
+  fp16_compress,
+  fp16_compress_wrapper,
 )
 from ddp_jax.hooks.default import allgather_then_aggregate, allreduce, noop
-from ddp_jax.hooks.error_feedback import error_feedback
+from ddp_jax.hooks.error_feedback import ErrorFeedbackState, error_feedback
 from ddp_jax.hooks.hierarchical import hierarchical
-from ddp_jax.hooks.local_sgd import post_local_sgd
-from ddp_jax.hooks.powersgd import batched_powersgd, powersgd
+from ddp_jax.hooks.local_sgd import LocalSGDState, post_local_sgd
+from ddp_jax.hooks.powersgd import (
+    BatchedPowerSGDState,
+    PowerSGDState,
+    batched_powersgd,
+    powersgd,
+)
 from ddp_jax.hooks.quantization import int8_allreduce, quantize_per_channel, quantize_per_tensor
 from ddp_jax.hooks.sparsification import sign_compress, topk
 
@@ -42,6 +62,12 @@ __all__ = [
     "fp16_compress_wrapper", "int8_allreduce", "noop", "powersgd", "quantize_per_channel",
     "quantize_per_tensor", "reduce_scatter_bytes", "segment_ids", "segment_spread", "segment_sum",
     "wire_bytes", "wire_cost", "parse",
+    # hook-author toolkit
+    "EmptyState", "InitFn", "UpdateFn", "init_empty", "check_hook", "check_real", "all_gather",
+    "as_varying", "divide", "sum_16bit", "correct", "next_residual", "quality", "residual_state",
+    # hook states
+    "FeedbackState", "ErrorFeedbackState", "PowerSGDState", "BatchedPowerSGDState",
+    "LocalSGDState", "ScheduleState",
 ]
 
 

@@ -9,16 +9,9 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import (
-  CommHook,
-  WireCost,
-  allreduce_bytes,
-  check_real,
-  configured,
-  segment_max_abs,
-  segment_spread,
-  segment_sum,
-)
+from ddp_jax.hooks._protocol import CommHook, check_real, configured, init_empty
+from ddp_jax.hooks._segments import segment_max_abs, segment_spread, segment_sum
+from ddp_jax.hooks._wire import WireCost, allreduce_bytes
 
 _SAFE = 2.0**100  # squared norms within (1/_SAFE, _SAFE): no underflow, no overflow
 _COEF = 2.0**40  # coefficients below this: the combination cannot overflow
@@ -132,4 +125,4 @@ def adasum(replicated_output: bool = True) -> CommHook:
     extra = allreduce_bytes(spec.nbytes, world) if replicated_output else 0
     return WireCost(rounds * spec.nbytes + extra, rounds + int(replicated_output))
 
-  return CommHook(lambda spec: (), update_fn, wire_fn)
+  return CommHook(init_empty, update_fn, wire_fn)

@@ -5,27 +5,24 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import (
-  CommHook,
-  GradBucket,
-  WireCost,
-  as_varying,
-  configured,
-  is_hook,
-  to_leaves,
-  wire_cost,
-)
+from ddp_jax._validate import check_int
+from ddp_jax.hooks._collectives import as_varying
+from ddp_jax.hooks._protocol import CommHook, GradBucket, check_hook, configured, to_leaves
+from ddp_jax.hooks._wire import WireCost, wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
-def _check_hook(hook, where):
-  if not is_hook(hook):
-    raise TypeError(f"{where} must be a CommHook, got {hook!r}.")
+class ScheduleState(NamedTuple):
+  """:func:`schedule`'s state: this bucket's update count and every stage's state."""
+
+  step: Any
+  stages: tuple
 
 
 @configured
@@ -47,13 +44,13 @@ def schedule(stages: Mapping[int, CommHook]) -> CommHook:
   for s in starts:
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
       raise ValueError(f"schedule: start steps must be ints >= 0, got {s!r}.")
-    _check_hook(stages[s], f"schedule: stage {s}")
+    check_hook(stages[s], f"schedule: stage {s}")
   if starts[0] != 0:
     raise ValueError(f"schedule: the first stage must start at step 0, got {starts[0]}.")
   hooks = [stages[s] for s in starts]
 
   def init_fn(spec):
-    return {"step": jnp.zeros((), jnp.int32), "stages": tuple(h.init(spec) for h in hooks)}
+    return ScheduleState(jnp.zeros((), jnp.int32), tuple(h.init(spec) for h in hooks))
 
   def update_fn(bucket, state, ctx):
     bucket.buffer()  # ravel once, outside the branches
@@ -65,13 +62,13 @@ def schedule(stages: Mapping[int, CommHook]) -> CommHook:
         return leaves, as_varying(states[:i] + (new,) + states[i + 1:], ctx.axis_name)
       return run
 
-    index = jnp.sum(state["step"] >= jnp.asarray(starts, jnp.int32)) - 1
+    index = jnp.sum(state.step >= jnp.asarray(starts, jnp.int32)) - 1
     if len(hooks) == 1:
-      leaves, new_states = branch(0)(state["stages"])
+      leaves, new_states = branch(0)(state.stages)
     else:
       leaves, new_states = lax.switch(index, [branch(i) for i in range(len(hooks))],
-                                      state["stages"])
-    return leaves, {"step": state["step"] + 1, "stages": new_states}
+                                      state.stages)
+    return leaves, ScheduleState(state.step + 1, new_states)
 
   def wire_fn(spec, world):
     return wire_cost(hooks[-1], spec, world)
@@ -97,12 +94,11 @@ def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
   for pattern, hook in rules.items():
     if not isinstance(pattern, str):
       raise TypeError(f"by_path: patterns must be strings, got {pattern!r}.")
-    _check_hook(hook, f"by_path: the hook for {pattern!r}")
-  if isinstance(small_below, bool) or not isinstance(small_below, int) or small_below < 0:
-    raise ValueError(f"by_path: small_below must be an int >= 0, got {small_below!r}.")
+    check_hook(hook, f"by_path: the hook for {pattern!r}")
+  check_int(small_below, 0, "by_path: small_below")
   routes = list(rules.values()) + [small or allreduce(), default or allreduce()]
   for i, hook in enumerate(routes[-2:]):
-    _check_hook(hook, "by_path: " + ("small" if i == 0 else "default"))
+    check_hook(hook, "by_path: " + ("small" if i == 0 else "default"))
   patterns = list(rules)
 
   def route_of(path, length):
@@ -133,7 +129,7 @@ def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
     new_states = []
     for (route, pos, sub), sub_state in zip(split(bucket.spec), state):
       sub_bucket = GradBucket(sub, [bucket.leaves[p] for p in pos],
-                              _pack.operand_groups(sub, "auto"), bucket.is_last)
+                              _pack.operand_groups(sub, "auto"))
       reduced, new = routes[route].update(sub_bucket, sub_state, ctx)
       for p, leaf in zip(pos, to_leaves(reduced, sub_bucket)):
         out[p] = leaf.astype(bucket.dtype)

@@ -6,7 +6,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ddp_jax.hooks._base import CommHook, check_real, configured, to_leaves, wire_cost
+from ddp_jax.hooks._protocol import CommHook, check_hook, check_real, configured, to_leaves
+from ddp_jax.hooks._wire import wire_cost
 from ddp_jax.hooks.default import allreduce
 
 
@@ -26,6 +27,7 @@ def compress_wrapper(hook: CommHook, dtype) -> CommHook:
     >>> print(jax.vmap(lambda g: tx.update(g, tx.init(g))[0], axis_name="i")(g)["w"].dtype)
     float32
   """
+  check_hook(hook, "compress_wrapper: hook")
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"compress_wrapper: dtype must be a floating dtype, got {dtype}.")
@@ -67,7 +69,7 @@ def fp16_compress() -> CommHook:
 @configured
 def bf16_compress() -> CommHook:
   """DDP's ``bf16_compress_hook``. On CPU the bf16 sum moves 16-bit words (XLA's CPU
-  all-reduce would widen bf16 to f32 on the wire; see ``_base.sum_16bit``)."""
+  all-reduce would widen bf16 to f32 on the wire; see ``_collectives.sum_16bit``)."""
   return compress_wrapper(allreduce(divide="before"), jnp.bfloat16)
 
 

@@ -5,22 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import (
-  CommHook,
-  WireCost,
-  all_gather,
-  allgather_bytes,
-  configured,
-  sum_16bit,
-  sums_16bit_in_f32,
-)
-from ddp_jax.hooks._base import divide as _div
-
-
-def _no_state(spec):
-  del spec
-  return ()
-
+from ddp_jax.hooks._collectives import all_gather, sum_16bit, sums_16bit_in_f32
+from ddp_jax.hooks._collectives import divide as _div
+from ddp_jax.hooks._protocol import CommHook, configured, init_empty
+from ddp_jax.hooks._wire import WireCost, allgather_bytes
 
 DIVIDE = ("auto", "before", "after")
 
@@ -69,7 +57,7 @@ def allreduce(divide: str = "auto") -> CommHook:
       leaves = tuple(_div(x, ctx.divisor) for x in leaves)
     return leaves, state
 
-  return CommHook(_no_state, update_fn)
+  return CommHook(init_empty, update_fn)
 
 
 def _silent(spec, world_size):
@@ -85,7 +73,7 @@ def noop() -> CommHook:
     del ctx
     return bucket.leaves, state
 
-  return CommHook(_no_state, update_fn, _silent)
+  return CommHook(init_empty, update_fn, _silent)
 
 
 @configured
@@ -106,4 +94,4 @@ def allgather_then_aggregate() -> CommHook:
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(spec.nbytes, world), 1)
 
-  return CommHook(_no_state, update_fn, wire_fn)
+  return CommHook(init_empty, update_fn, wire_fn)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+from typing import Any, NamedTuple
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import CommHook, configured, no_quality, quality, to_leaves, wire_cost
+from ddp_jax.hooks._feedback import correct, next_residual, residual_state
+from ddp_jax.hooks._protocol import CommHook, check_hook, configured, to_leaves
+from ddp_jax.hooks._wire import wire_cost
+
+
+class ErrorFeedbackState(NamedTuple):
+  """:func:`error_feedback`'s state: the residual and quality (see
+  :class:`~ddp_jax.hooks.FeedbackState`) and the wrapped hook's state."""
+
+  residual: Any
+  rel_error: Any
+  residual_norm: Any
+  inner: Any
 
 
 @configured
@@ -22,22 +34,17 @@ def error_feedback(hook: CommHook) -> CommHook:
     >>> hook = error_feedback(ddp_jax.hooks.fp16_compress())
   """
 
+  check_hook(hook, "error_feedback: hook")
+
   def init_fn(spec):
-    return {"residual": jnp.zeros((spec.size,), spec.dtype), "inner": hook.init(spec),
-            **no_quality()}
+    return ErrorFeedbackState(*residual_state(spec), inner=hook.init(spec))
 
   def update_fn(bucket, state, ctx):
-    corrected = bucket.buffer() + state["residual"]
-    if ctx.participating is not None:  # an idle replica adds nothing, keeps its residual
-      corrected = jnp.where(ctx.participating, corrected, jnp.zeros_like(corrected))
-    inner_bucket = bucket.replace(bucket.from_flat(corrected))
-    reduced, inner = hook.update(inner_bucket, state["inner"], ctx)
+    fixed = correct(bucket, state, ctx)  # an idle replica adds zeros, keeps its residual
+    inner_bucket = bucket.replace(bucket.from_flat(fixed))
+    reduced, inner = hook.update(inner_bucket, state.inner, ctx)
     flat = _pack.ravel([x.astype(bucket.dtype) for x in to_leaves(reduced, inner_bucket)])
-    residual = corrected - flat
-    if ctx.participating is not None:
-      residual = jnp.where(ctx.participating, residual, state["residual"])
-    return flat, {"residual": residual, "inner": inner,
-                  **quality(corrected, corrected - flat)}
+    return flat, state._replace(inner=inner, **next_residual(fixed, fixed - flat, state, ctx))
 
   def wire_fn(spec, world):
     return wire_cost(hook, spec, world)

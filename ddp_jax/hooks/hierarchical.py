@@ -7,18 +7,17 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import (
+from ddp_jax._validate import check_int
+from ddp_jax.hooks._collectives import all_gather
+from ddp_jax.hooks._protocol import (
   CommHook,
   GradBucket,
   HookContext,
-  WireCost,
-  all_gather,
+  check_hook,
   configured,
-  is_hook,
-  reduce_scatter_bytes,
   to_leaves,
-  wire_cost,
 )
+from ddp_jax.hooks._wire import WireCost, reduce_scatter_bytes, wire_cost
 
 
 @configured
@@ -39,10 +38,8 @@ def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "
     >>> hook = hierarchical(H.fp16_compress(), node_axis="node", local_axis="local",
     ...                     local_size=4)
   """
-  if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
-    raise ValueError(f"hierarchical: local_size must be an int >= 1, got {local_size!r}.")
-  if not is_hook(hook):
-    raise TypeError(f"hierarchical: hook must be a CommHook, got {hook!r}.")
+  check_int(local_size, 1, "hierarchical: local_size")
+  check_hook(hook, "hierarchical: hook")
 
   def shard_spec(spec):
     chunk = -(-spec.size // local_size)
@@ -67,7 +64,7 @@ def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "
     x = jnp.pad(bucket.buffer(), (0, chunk * local_size - bucket.size))
     shard = lax.psum_scatter(x, local_axis, scatter_dimension=0, tiled=True) / local_size
     inner_ctx = HookContext(node_axis, nodes, predivide_factor=ctx.predivide_factor)
-    inner_bucket = GradBucket(sub, [shard], ((0,),), bucket.is_last)
+    inner_bucket = GradBucket(sub, [shard], ((0,),))
     reduced, state = hook.update(inner_bucket, state, inner_ctx)
     (reduced,) = to_leaves(reduced, inner_bucket)
     full = all_gather(reduced.astype(bucket.dtype), local_axis, tiled=True)[: bucket.size]

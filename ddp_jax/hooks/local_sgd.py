@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax.hooks._base import CommHook, as_varying, configured, divide
+from ddp_jax._validate import check_int
+from ddp_jax.hooks._collectives import as_varying, divide
+from ddp_jax.hooks._protocol import CommHook, configured
+
+
+class LocalSGDState(NamedTuple):
+  """:func:`post_local_sgd`'s state: this bucket's update count."""
+
+  iter: Any
 
 
 @configured
@@ -18,8 +28,7 @@ def post_local_sgd(start_iter: int, local_axis) -> CommHook:
   Examples:
     >>> hook = post_local_sgd(start_iter=100, local_axis="local")
   """
-  if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-    raise ValueError(f"post_local_sgd: start_iter must be an int >= 0, got {start_iter!r}.")
+  check_int(start_iter, 0, "post_local_sgd: start_iter")
 
   def mean_over(x, axis, ctx):
     if ctx.participating is None:
@@ -29,9 +38,9 @@ def post_local_sgd(start_iter: int, local_axis) -> CommHook:
 
   def update_fn(bucket, state, ctx):
     x = bucket.buffer()  # an idle replica's bucket is already zeros
-    reduced = lax.cond(state["iter"] < start_iter,
+    reduced = lax.cond(state.iter < start_iter,
                        lambda v: as_varying(mean_over(v, ctx.axis_name, ctx), ctx.axis_name),
                        lambda v: as_varying(mean_over(v, local_axis, ctx), ctx.axis_name), x)
-    return reduced.astype(bucket.dtype), {"iter": state["iter"] + 1}
+    return reduced.astype(bucket.dtype), LocalSGDState(state.iter + 1)
 
-  return CommHook(lambda spec: {"iter": jnp.zeros((), jnp.int32)}, update_fn)
+  return CommHook(lambda spec: LocalSGDState(jnp.zeros((), jnp.int32)), update_fn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +17,11 @@ import numpy as np
 from jax import lax
 
 from ddp_jax import _pack
-from ddp_jax.hooks._base import (
-  CommHook,
-  WireCost,
-  allreduce_bytes,
-  as_varying,
-  check_real,
-  configured,
-  divide,
-  no_quality,
-  quality,
-)
+from ddp_jax._validate import check_int
+from ddp_jax.hooks import _feedback
+from ddp_jax.hooks._collectives import as_varying, divide
+from ddp_jax.hooks._protocol import CommHook, check_real, configured
+from ddp_jax.hooks._wire import WireCost, allreduce_bytes
 
 
 def should_compress(n: int, m: int, rank: int, min_compression_rate: float):
@@ -112,10 +107,8 @@ def orthogonalize(matrices, epsilon: float = 0.0):
 
 
 def _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, name):
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"{name}: rank must be an int >= 1, got {rank!r}.")
-  if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-    raise ValueError(f"{name}: start_iter must be an int >= 0, got {start_iter!r}.")
+  check_int(rank, 1, f"{name}: rank")
+  check_int(start_iter, 0, f"{name}: start_iter")
   if not (isinstance(min_compression_rate, (int, float)) and min_compression_rate >= 0):
     raise ValueError(f"{name}: min_compression_rate must be >= 0, got {min_compression_rate!r}.")
   if not (isinstance(orthogonalization_epsilon, (int, float)) and orthogonalization_epsilon >= 0):
@@ -160,14 +153,30 @@ def _draw(key, layout, dtype) -> list:
                      for i in g]) for g, n, m, r in layout.groups]
 
 
-def _corrected(bucket, state, ctx, use_error_feedback):
-  """The bucket plus the residual; zeros on a replica that does not participate."""
-  corrected = bucket.buffer()
-  if use_error_feedback:
-    corrected = corrected + state["residual"]
-  if ctx.participating is not None:
-    corrected = jnp.where(ctx.participating, corrected, jnp.zeros_like(corrected))
-  return corrected
+class PowerSGDState(NamedTuple):
+  """:func:`powersgd`'s state for one bucket, per replica: the update count, the
+  warm-started Q matrices (one per group of same-shape compressed leaves), the PRNG key
+  data for fresh Qs, and error feedback's residual and quality (as
+  :class:`~ddp_jax.hooks.FeedbackState`)."""
+
+  iter: Any
+  qs: tuple
+  key: Any
+  residual: Any
+  rel_error: Any
+  residual_norm: Any
+
+
+class BatchedPowerSGDState(NamedTuple):
+  """:func:`batched_powersgd`'s state: as :class:`PowerSGDState` with one Q for the
+  whole bucket viewed as a square matrix."""
+
+  iter: Any
+  q: Any
+  key: Any
+  residual: Any
+  rel_error: Any
+  residual_norm: Any
 
 
 def _varying_state(result, ctx):
@@ -212,13 +221,12 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
   def init_fn(spec):
     layout = _Layout(spec, rank, min_compression_rate, batch_tensors_with_same_shape)
     qs = tuple(jnp.zeros((len(g), m, r), spec.dtype) for g, n, m, r in layout.groups)
-    return {"iter": jnp.zeros((), jnp.int32), "residual": jnp.zeros((spec.size,), spec.dtype),
-            "qs": qs, "key": jax.random.key_data(jax.random.key(seed)),
-            **no_quality()}
+    return PowerSGDState(jnp.zeros((), jnp.int32), qs, jax.random.key_data(jax.random.key(seed)),
+                         *_feedback.residual_state(spec))
 
   def compressed_step(bucket, state, ctx):
     layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
-    corrected = _corrected(bucket, state, ctx, use_error_feedback)
+    corrected = _feedback.correct(bucket, state, ctx, use_error_feedback)
     leaves = list(bucket.from_flat(corrected))
     out = [None] * len(leaves)
     if layout.uncompressed:
@@ -241,11 +249,11 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         shared = jnp.where(jnp.logical_and(jnp.isfinite(amax), amax > 0), amax, 1.0)
         mats = [mat.astype(jnp.float32) / shared for mat in mats]
       work = jnp.float32 if half else dtype
-      fresh = jnp.logical_or(not warm_start, state["iter"] == start_iter)
-      key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["iter"])
-      drawn = _draw(key, layout, state["qs"][0].dtype)
+      fresh = jnp.logical_or(not warm_start, state.iter == start_iter)
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iter)
+      drawn = _draw(key, layout, state.qs[0].dtype)
       qs = [orthogonalize(jnp.where(fresh, d, q), orthogonalization_epsilon).astype(work)
-            for d, q in zip(drawn, state["qs"])]
+            for d, q in zip(drawn, state.qs)]
       ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
       if half:  # |M q| <= sqrt(m) per replica, N replicas
         ps = [p / (ctx.axis_size * math.sqrt(g[2])) for p, g in zip(ps, layout.groups)]
@@ -265,24 +273,20 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
           out[i] = approx[j].reshape(bucket.shapes[i])
       new_qs = tuple(qs)
     else:
-      new_qs = state["qs"]
+      new_qs = state.qs
     result = _pack.ravel(out)
-    residual = corrected - result if use_error_feedback else state["residual"]
-    if ctx.participating is not None:
-      residual = jnp.where(ctx.participating, residual, state["residual"])
-    new = dict(state, iter=state["iter"] + 1, residual=residual, qs=new_qs,
-               **quality(corrected, corrected - result))
-    return result, new
+    return result, state._replace(iter=state.iter + 1, qs=new_qs, **_feedback.next_residual(
+        corrected, corrected - result, state, ctx, use_error_feedback))
 
   def vanilla_step(bucket, state, ctx):
-    return _allreduce_mean(bucket.buffer(), ctx), dict(state, iter=state["iter"] + 1)
+    return _allreduce_mean(bucket.buffer(), ctx), state._replace(iter=state.iter + 1)
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "powersgd")
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
-    return lax.cond(state["iter"] < start_iter,
+    return lax.cond(state.iter < start_iter,
                     lambda s: _varying_state(vanilla_step(bucket, s, ctx), ctx),
                     lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state)
 
@@ -309,29 +313,25 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
   def init_fn(spec):
     side = side_of(spec.size)
     r = min(side, rank)
-    return {"iter": jnp.zeros((), jnp.int32), "residual": jnp.zeros((spec.size,), spec.dtype),
-            "q": jnp.zeros((1, side, r), spec.dtype),
-            "key": jax.random.key_data(jax.random.key(seed)),
-            **no_quality()}
+    return BatchedPowerSGDState(jnp.zeros((), jnp.int32), jnp.zeros((1, side, r), spec.dtype),
+                                jax.random.key_data(jax.random.key(seed)),
+                                *_feedback.residual_state(spec))
 
   def compressed_step(bucket, state, ctx):
     side = side_of(bucket.size)
-    corrected = _corrected(bucket, state, ctx, use_error_feedback)
+    corrected = _feedback.correct(bucket, state, ctx, use_error_feedback)
     mat = jnp.pad(corrected, (0, side * side - bucket.size)).reshape(1, side, side)
-    fresh = jnp.logical_or(not warm_start, state["iter"] == start_iter)
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["iter"])
-    q = state["q"]
+    fresh = jnp.logical_or(not warm_start, state.iter == start_iter)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iter)
+    q = state.q
     q = orthogonalize(jnp.where(fresh, jax.random.normal(key, q.shape, q.dtype), q),
                       orthogonalization_epsilon)
     p = orthogonalize(lax.psum(jnp.einsum("bnm,bmr->bnr", mat, q), ctx.axis_name),
                       orthogonalization_epsilon)
     q = _allreduce_mean(jnp.einsum("bnm,bnr->bmr", mat, p), ctx)
     result = jnp.einsum("bnr,bmr->bnm", p, q).reshape(-1)[: bucket.size]
-    residual = corrected - result if use_error_feedback else state["residual"]
-    if ctx.participating is not None:
-      residual = jnp.where(ctx.participating, residual, state["residual"])
-    return result, dict(state, iter=state["iter"] + 1, residual=residual, q=q,
-                        **quality(corrected, corrected - result))
+    return result, state._replace(iter=state.iter + 1, q=q, **_feedback.next_residual(
+        corrected, corrected - result, state, ctx, use_error_feedback))
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "batched_powersgd")
@@ -339,9 +339,9 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
     return lax.cond(
-        state["iter"] < start_iter,
+        state.iter < start_iter,
         lambda s: _varying_state((_allreduce_mean(bucket.buffer(), ctx),
-                                  dict(s, iter=s["iter"] + 1)), ctx),
+                                  s._replace(iter=s.iter + 1)), ctx),
         lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state)
 
   def wire_fn(spec, world):

@@ -7,25 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ddp_jax.hooks._base import (
-  CommHook,
-  WireCost,
-  all_gather,
-  allgather_bytes,
-  allreduce_bytes,
-  check_real,
-  configured,
-  divide,
-  float64,
-)
+from ddp_jax._validate import check_int
+from ddp_jax.hooks._collectives import all_gather, divide, float64
+from ddp_jax.hooks._protocol import CommHook, check_real, configured, init_empty
+from ddp_jax.hooks._wire import WireCost, allgather_bytes, allreduce_bytes
 
 QUANT_MIN, QUANT_MAX = 0, 255
 EPS = float(np.finfo(np.float32).eps)  # MinMaxObserver's eps
-
-
-def _no_state(spec):
-  del spec
-  return ()
 
 
 def exact_div(a, b):
@@ -100,7 +88,7 @@ def quantize_per_tensor() -> CommHook:
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(spec.size + 8, world), 2)
 
-  return CommHook(_no_state, update_fn, wire_fn)
+  return CommHook(init_empty, update_fn, wire_fn)
 
 
 @configured
@@ -113,9 +101,7 @@ def quantize_per_channel(channel_size: int = 512) -> CommHook:
   the bucket to the full row (``channel_size=10**9`` allocated 1e9 elements per replica
   for a 2,080-element bucket); the capped row has the same qparams, since the padding
   is zeros and the observer's range always includes zero."""
-  if isinstance(channel_size, bool) or not isinstance(channel_size, int) or channel_size < 1:
-    raise ValueError(f"quantize_per_channel: channel_size must be an int >= 1, got "
-                     f"{channel_size!r}.")
+  check_int(channel_size, 1, "quantize_per_channel: channel_size")
 
   def row_of(size):
     return min(channel_size, size)
@@ -139,7 +125,7 @@ def quantize_per_channel(channel_size: int = 512) -> CommHook:
     rows = rows_of(spec.size)
     return WireCost(allgather_bytes(rows * row_of(spec.size) + 8 * rows, world), 2)
 
-  return CommHook(_no_state, update_fn, wire_fn)
+  return CommHook(init_empty, update_fn, wire_fn)
 
 
 @configured
@@ -193,4 +179,4 @@ def int8_allreduce() -> CommHook:
     moved = 2 * (world - 1) * chunk  # all_to_all + all_gather of int8 chunks
     return WireCost(moved + allgather_bytes(4, world) + allreduce_bytes(4, world), 4)
 
-  return CommHook(_no_state, update_fn, wire_fn)
+  return CommHook(init_empty, update_fn, wire_fn)

@@ -8,37 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ddp_jax.hooks._base import (
-  CommHook,
-  WireCost,
-  all_gather,
-  allgather_bytes,
-  check_real,
-  configured,
-  divide,
-  no_quality,
-  quality,
-  segment_ids,
-  segment_spread,
-  segment_sum,
-)
-
-
-def _residual_state(spec):
-  return {"residual": jnp.zeros((spec.size,), spec.dtype), **no_quality()}
-
-
-def _corrected(bucket, state, ctx):
-  corrected = bucket.buffer() + state["residual"]
-  if ctx.participating is not None:
-    corrected = jnp.where(ctx.participating, corrected, jnp.zeros_like(corrected))
-  return corrected
-
-
-def _keep_if_idle(residual, state, ctx):
-  if ctx.participating is None:
-    return residual
-  return jnp.where(ctx.participating, residual, state["residual"])
+from ddp_jax.hooks import _feedback
+from ddp_jax.hooks._collectives import all_gather, divide
+from ddp_jax.hooks._protocol import CommHook, check_real, configured
+from ddp_jax.hooks._segments import segment_ids, segment_spread, segment_sum
+from ddp_jax.hooks._wire import WireCost, allgather_bytes
 
 
 @configured
@@ -58,7 +32,7 @@ def topk(ratio: float) -> CommHook:
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "topk")
-    corrected = _corrected(bucket, state, ctx)
+    corrected = _feedback.correct(bucket, state, ctx)
     _, idx = lax.top_k(jnp.abs(corrected), k_of(bucket.size))
     vals = corrected[idx]
     # What is not sent stays: the corrected bucket with the sent entries zeroed, in place
@@ -67,13 +41,13 @@ def topk(ratio: float) -> CommHook:
     all_vals = all_gather(vals, ctx.axis_name).reshape(-1)
     all_idx = all_gather(idx, ctx.axis_name).reshape(-1)
     total = jnp.zeros(corrected.shape, corrected.dtype).at[all_idx].add(all_vals)
-    residual = _keep_if_idle(unsent, state, ctx)
-    return divide(total, ctx.divisor), {"residual": residual, **quality(corrected, unsent)}
+    return divide(total, ctx.divisor), state._replace(
+        **_feedback.next_residual(corrected, unsent, state, ctx))
 
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(k_of(spec.size) * (spec.dtype.itemsize + 4), world), 2)
 
-  return CommHook(_residual_state, update_fn, wire_fn)
+  return CommHook(_feedback.residual_state, update_fn, wire_fn)
 
 
 def signed_scale_sum(bits, scales, ids, size):
@@ -109,7 +83,7 @@ def sign_compress() -> CommHook:
 
   def update_fn(bucket, state, ctx):
     check_real(bucket, "sign_compress")
-    corrected = _corrected(bucket, state, ctx)
+    corrected = _feedback.correct(bucket, state, ctx)
     ids = segment_ids(bucket.spec)
     sums = segment_sum(jnp.abs(corrected.astype(jnp.float32)), bucket.spec)
     scales = sums / jnp.asarray(bucket.lengths, jnp.float32)
@@ -119,11 +93,10 @@ def sign_compress() -> CommHook:
     bits = all_gather(jnp.packbits(positive), ctx.axis_name)
     all_scales = all_gather(scales, ctx.axis_name)  # (N, leaves)
     total = signed_scale_sum(bits, all_scales, ids, bucket.size)
-    residual = _keep_if_idle(corrected - local, state, ctx)
-    return divide(total, ctx.divisor).astype(bucket.dtype), {
-        "residual": residual, **quality(corrected, corrected - local)}
+    return divide(total, ctx.divisor).astype(bucket.dtype), state._replace(
+        **_feedback.next_residual(corrected, corrected - local, state, ctx))
 
   def wire_fn(spec, world):
     return WireCost(allgather_bytes(math.ceil(spec.size / 8) + 4 * spec.num_leaves, world), 2)
 
-  return CommHook(_residual_state, update_fn, wire_fn)
+  return CommHook(_feedback.residual_state, update_fn, wire_fn)
