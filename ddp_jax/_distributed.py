@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import os
 import sys
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,8 @@ from ddp_jax import _faults
 from ddp_jax._axes import check_axis_name
 from ddp_jax._plan import path_str
 
-BUFFER_MODES = ("broadcast", "mean")
+BufferMode = Literal["broadcast", "mean"]
+BUFFER_MODES = get_args(BufferMode)
 
 
 def _numeric(x) -> bool:
@@ -55,7 +56,7 @@ def broadcast_params(tree: Any, axis_name, source: int = 0) -> Any:
   return jax.tree.map(one, tree)
 
 
-def sync_buffers(buffers: Any, axis_name, how: str = "broadcast") -> Any:
+def sync_buffers(buffers: Any, axis_name, how: BufferMode = "broadcast") -> Any:
   """Keeps model buffers (e.g. flax ``batch_stats``) equal across replicas.
 
   ``how="broadcast"``: replica 0's values (DDP ``broadcast_buffers=True``);

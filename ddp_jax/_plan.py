@@ -124,6 +124,14 @@ class BucketSpec:
   def num_leaves(self) -> int:
     return len(self.leaf_indices)
 
+  def subset(self, positions) -> BucketSpec:
+    """The spec of the leaves at ``positions`` (within this bucket), in that order: for
+    hooks that treat part of a bucket apart (``by_path``'s routes, ``adasum``'s raveled
+    small leaves)."""
+    pick = lambda xs: tuple(xs[i] for i in positions)  # noqa: E731
+    return dataclasses.replace(self, leaf_indices=pick(self.leaf_indices),
+                               paths=pick(self.paths), shapes=pick(self.shapes))
+
 
 def is_communicated(leaf: Any) -> bool:
   """True for leaves that carry a gradient: non-empty floating/complex arrays."""

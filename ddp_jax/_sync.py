@@ -575,7 +575,7 @@ def _transformation(config: SyncConfig):
       mine = [leaves[i] for i in spec.leaf_indices]
       if never is not None and chain:
         mine = _after(mine, groups, never)
-      bucket = GradBucket(spec, mine, groups)
+      bucket = GradBucket(spec, mine, groups, (config.pack, config.ravel_below_bytes))
       local = _replica.squeeze(hook_state)
       with jax.named_scope(f"ddp_bucket{spec.index}"):
         reduced, new_local = hook.update(bucket, local, ctx)

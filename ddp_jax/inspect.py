@@ -152,10 +152,7 @@ def collectives(fn: Callable, *args: Any, **kwargs: Any) -> Report:
   """
   jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   lowered = jitted.lower(*args, **kwargs)
-  try:
-    low_text = lowered.as_text(dialect="hlo", debug_info=True)
-  except TypeError:  # older jax: no debug_info argument
-    low_text = lowered.as_text(dialect="hlo")
+  low_text = lowered.as_text(dialect="hlo", debug_info=True)
   compiled_text = lowered.compile().as_text()
   return Report(count_collectives(low_text), count_collectives(compiled_text),
                 low_text, compiled_text)

@@ -794,3 +794,15 @@ def test_parse_knows_every_hook_factory():
                and inspect.signature(getattr(hooks, n)).return_annotation in ("CommHook",
                                                                                hooks.CommHook)}
   assert factories == set(hooks.FACTORIES)
+
+
+@pytest.mark.parametrize("pack, operands", [("variadic", 4), ("ravel", 1)])
+def test_by_path_follows_the_syncs_pack(pack, operands):
+  """by_path routed its leaves with pack="auto" whatever the sync said (4 small leaves:
+  one raveled operand for "variadic" too); its routes now pack as the sync packs."""
+  tx = ddp_jax.sync_gradients("i", pack=pack, hook=hooks.by_path({"*": hooks.allreduce()}))
+  g = {k: jnp.ones((jax.device_count(), 3)) for k in "abcd"}
+  f = jax.pmap(lambda g: tx.update(g, tx.init(g))[0], axis_name="i")
+  report = ddp_jax.inspect.collectives(f, g)
+  assert report.lowered["all-reduce"].ops == operands
+  assert np.allclose(np.asarray(f(g)["a"]), 1.0)

@@ -117,3 +117,26 @@ def test_nnx_optimizer_with_per_replica_hook_state(mesh8):
 def test_nnx_example_trains(standard_promotion):
   result = train_nnx.train("allreduce", steps=150)
   assert result["accuracy"] > 0.95
+
+
+def test_batchnorm_with_axis_name_is_sync_batchnorm(mesh8):
+  """docs/from_pytorch.md: DDP's SyncBatchNorm is flax's BatchNorm(axis_name=...) inside the
+  mapped step. Its outputs and running statistics over 8 replicas' slices equal one
+  BatchNorm over the whole batch (f32 means of 32 rows summed in another order: a few ulp
+  of values of order 1-10, so 1e-5)."""
+  from jax.sharding import PartitionSpec as P
+  x = (np.random.default_rng(0).normal(size=(32, 3)) * [1, 2, 3] + [0, 1, 2]).astype(np.float32)
+  graphdef, state = nnx.split(nnx.BatchNorm(3, axis_name="data", rngs=nnx.Rngs(0)))
+
+  def normalize(state, x):
+    model = nnx.merge(graphdef, state)
+    return model(x), nnx.state(model)
+
+  y, stats = jax.jit(jax.shard_map(normalize, mesh=mesh8, in_specs=(P(), P("data")),
+                                   out_specs=(P("data"), P())))(
+      ddp_jax.replicate(state, mesh8), ddp_jax.shard(x, mesh8, "data"))
+  reference = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(reference(jnp.asarray(x))), atol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(nnx.state(reference))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert np.any(np.asarray(jax.tree.leaves(stats)[1]) != 0)  # the running mean moved

@@ -12,10 +12,7 @@ from ddp_jax._axes import to_varying
 def float64():
   """A context in which float64 arrays exist (``jax.enable_x64(True)``), for the few
   steps that need a correctly rounded or wider computation inside a hook."""
-  if hasattr(jax, "enable_x64"):
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64  # older jax
-  return enable_x64()
+  return jax.enable_x64(True)
 
 
 def divide(x, d):

@@ -179,13 +179,15 @@ class GradBucket:
 
   ``leaves`` are the gradients in their own shapes; ``buffer()`` ravels them
   (lazily, once) into one 1-D array; ``operands()`` returns them packed the way
-  the sync's ``pack`` mode asks, and ``from_operands`` undoes that.
+  the sync's ``pack`` mode asks (``pack``: the mode and its ``ravel_below_bytes``),
+  and ``from_operands`` undoes that.
   """
 
-  def __init__(self, spec: BucketSpec, leaves, groups):
+  def __init__(self, spec: BucketSpec, leaves, groups, pack: tuple = ("auto", None)):
     self.spec = spec
     self.leaves = tuple(leaves)
     self.groups = groups
+    self.pack = pack
 
   index = property(lambda self: self.spec.index)
   dtype = property(lambda self: self.spec.dtype)
@@ -212,7 +214,14 @@ class GradBucket:
   def replace(self, leaves, dtype=None) -> GradBucket:
     """The same bucket holding other leaves (e.g. a half-precision copy)."""
     spec = self.spec if dtype is None else dataclasses.replace(self.spec, dtype=jnp.dtype(dtype))
-    return GradBucket(spec, leaves, self.groups)
+    return GradBucket(spec, leaves, self.groups, self.pack)
+
+  def subset(self, positions, spec: BucketSpec | None = None) -> GradBucket:
+    """The bucket of the leaves at ``positions``, packed as the sync packs (``spec``:
+    ``self.spec.subset(positions)`` if already built)."""
+    spec = self.spec.subset(positions) if spec is None else spec
+    return GradBucket(spec, [self.leaves[p] for p in positions],
+                      _pack.operand_groups(spec, *self.pack), self.pack)
 
   def from_flat(self, flat) -> tuple[jax.Array, ...]:
     """Leaves from a 1-D array laid out like :meth:`buffer`."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -69,9 +68,7 @@ def _group_spec(spec, group):
   """The spec of the leaves ``group`` of a bucket raveled into one operand."""
   if len(group) == 1:
     return None
-  pick = lambda xs: tuple(xs[i] for i in group)  # noqa: E731
-  return dataclasses.replace(spec, leaf_indices=pick(spec.leaf_indices),
-                             paths=pick(spec.paths), shapes=pick(spec.shapes))
+  return spec.subset(group)
 
 
 @configured

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -10,10 +9,9 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from ddp_jax import _pack
 from ddp_jax._validate import check_int
 from ddp_jax.hooks._collectives import as_varying
-from ddp_jax.hooks._protocol import CommHook, GradBucket, check_hook, configured, to_leaves
+from ddp_jax.hooks._protocol import CommHook, check_hook, configured, to_leaves
 from ddp_jax.hooks._wire import WireCost, wire_cost
 from ddp_jax.hooks.default import allreduce
 
@@ -115,10 +113,7 @@ def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
     out = []
     for route in sorted(members):
       pos = members[route]
-      sub = dataclasses.replace(
-          spec, leaf_indices=tuple(spec.leaf_indices[p] for p in pos),
-          paths=tuple(spec.paths[p] for p in pos), shapes=tuple(spec.shapes[p] for p in pos))
-      out.append((route, tuple(pos), sub))
+      out.append((route, tuple(pos), spec.subset(pos)))
     return out
 
   def init_fn(spec):
@@ -128,8 +123,7 @@ def by_path(rules: Mapping[str, CommHook], default: CommHook | None = None, *,
     out = [None] * len(bucket.leaves)
     new_states = []
     for (route, pos, sub), sub_state in zip(split(bucket.spec), state):
-      sub_bucket = GradBucket(sub, [bucket.leaves[p] for p in pos],
-                              _pack.operand_groups(sub, "auto"))
+      sub_bucket = bucket.subset(pos, sub)
       reduced, new = routes[route].update(sub_bucket, sub_state, ctx)
       for p, leaf in zip(pos, to_leaves(reduced, sub_bucket)):
         out[p] = leaf.astype(bucket.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -10,11 +12,12 @@ from ddp_jax.hooks._collectives import divide as _div
 from ddp_jax.hooks._protocol import CommHook, configured, init_empty
 from ddp_jax.hooks._wire import WireCost, allgather_bytes
 
-DIVIDE = ("auto", "before", "after")
+Divide = Literal["auto", "before", "after"]
+DIVIDE = get_args(Divide)
 
 
 @configured
-def allreduce(divide: str = "auto") -> CommHook:
+def allreduce(divide: Divide = "auto") -> CommHook:
   """The default hook: the bucket summed over the axis with ``psum``, divided by its size.
 
   Args:
