@@ -18,13 +18,15 @@ alternating for ``--rounds`` rounds; ddp_jax twice, with an empty persistent com
 cache (a first start) and with the cache that run filled (a restart). A launch that does
 not finish in ``--timeout`` seconds is reported as such. Skipped with a message when
 torch is not installed.
-Writes benchmarks/out/peer_<tree>_<N>proc.{json,md}.
+``--host-memory`` is the launcher's (default ``hugepages``; ``reuse`` is faster and keeps
+the heap's peak). Writes benchmarks/out/peer_<tree>_<N>proc.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -193,6 +195,8 @@ def main(argv=None) -> int:
   p.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--rounds", type=int, default=1)
+  p.add_argument("--host-memory", default="hugepages", choices=("hugepages", "reuse", "system"),
+                 help="ddp-jax-run's --host-memory for both sides")
   p.add_argument("--timeout", type=int, default=240, help="seconds per launch")
   p.add_argument("--out", default=str(HERE / "out"))
   p.add_argument("--child", nargs=3, metavar=("BACKEND", "HOOK", "FILE"), help=argparse.SUPPRESS)
@@ -209,7 +213,8 @@ def main(argv=None) -> int:
     print("bench_peer: skipped (torch is not installed: pip install torch==2.13.0)")
     return 0
   os.makedirs(args.out, exist_ok=True)
-  stem = Path(args.out) / f"peer_{args.tree}_{args.processes}proc"
+  stem = Path(args.out) / (f"peer_{args.tree}_{args.processes}proc"
+                           + ("" if args.host_memory == "hugepages" else f"_{args.host_memory}"))
   env = {**os.environ, "XLA_FLAGS": "", "OMP_NUM_THREADS": "1"}
   rows: dict = {}
   cache = Path(args.out) / "peer_compilation_cache"
@@ -221,7 +226,7 @@ def main(argv=None) -> int:
       for backend, label in (("torch", "torch"), ("jax", "jax"), ("jax", "jax_restart")):
         tmp = Path(f"{stem}.{label}.{hook}.tmp")
         cmd = [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
-               "--cpu-devices", "1", "--compilation-cache", str(cache), __file__, "--tree",
+               "--cpu-devices", "1", "--host-memory", args.host_memory, "--compilation-cache", str(cache), __file__, "--tree",
                args.tree, "--steps", str(args.steps), "--child", backend, hook, str(tmp)]
         try:
           code = subprocess.run(cmd, env=env, capture_output=True, text=True,
@@ -256,8 +261,15 @@ def main(argv=None) -> int:
     return (f"{first(hook, label):.2f} s ({med(hook, label, 'construct_s'):.2f} + "
             f"{med(hook, label, 'first_iter_s'):.2f})")
 
+  def ratio(a, b):
+    return "-" if math.isnan(a / b) else f"{a / b:.2f}x"
+
+  def ms(t):
+    return "-" if math.isnan(t) else f"{t * 1e3:.0f} ms"
+
   lines = [f"ddp_jax vs torch {__import__('torch').__version__} DDP, {args.tree} shapes, "
-           f"{args.processes} processes x 1 CPU device, gloo over loopback; medians of "
+           f"{args.processes} processes x 1 CPU device, gloo over loopback, host memory "
+           f"{args.host_memory}; medians of "
            f"{args.rounds} round(s); first step = construct + first iteration", "",
            "| hook | what | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
   report = {"tree": args.tree, "processes": args.processes, "rows": []}
@@ -266,11 +278,11 @@ def main(argv=None) -> int:
         hook, "jax_restart")
     t_cost, j_cost = med(hook, "torch", "sync_cost_s"), med(hook, "jax", "sync_cost_s")
     lines.append(f"| {hook} | first step | {cell(hook, 'torch')} | {cell(hook, 'jax')} | "
-                 f"{j_first / t_first:.2f}x |")
+                 f"{ratio(j_first, t_first)} |")
     lines.append(f"| {hook} | first step, restart (compilation cache) | {cell(hook, 'torch')} "
-                 f"| {cell(hook, 'jax_restart')} | {j_restart / t_first:.2f}x |")
-    lines.append(f"| {hook} | sync cost per step | {t_cost * 1e3:.0f} ms | "
-                 f"{j_cost * 1e3:.0f} ms | {j_cost / t_cost:.2f}x |")
+                 f"| {cell(hook, 'jax_restart')} | {ratio(j_restart, t_first)} |")
+    lines.append(f"| {hook} | sync cost per step | {ms(t_cost)} | {ms(j_cost)} | "
+                 f"{ratio(j_cost, t_cost)} |")
     report["rows"].append({"hook": hook, "torch_first_s": t_first, "jax_first_s": j_first,
                            "jax_restart_first_s": j_restart, "torch_sync_s": t_cost,
                            "jax_sync_s": j_cost,

@@ -17,28 +17,48 @@ in and out of the shared buffer. Measured on CPU (``benchmarks/bench_sync.py``):
 a call costs ~0.2 ms in one process with 8 devices (whose copies share the
 host's cores) and ~0.35 ms over gloo between processes (one device each),
 so small leaves are raveled below 64 KiB in one process and below 1 MiB
-across processes.
+across processes. Across processes started with huge pages or reused host memory
+(:mod:`ddp_jax._host_memory`; ``ddp-jax-run`` starts them so) copying is cheap and
+every bucket is raveled whole, one operand per bucket as in DDP. ResNet-50's sync over
+4 gloo processes, torch DDP's in the same run in brackets (``benchmarks/bench_peer.py``):
+glibc as configured, 1 MiB threshold 333 ms (261), whole buckets 431-450 ms (211-222:
+every copy page-faults its fresh buffer, so the 1 MiB threshold stays there); huge
+pages 300 ms (220) and 252-254 ms (205-214); reused memory 291-295 ms (216-220) and
+212-214 ms (217-220).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
+from ddp_jax._host_memory import host_memory_mode
 from ddp_jax._plan import BucketSpec
 
 Pack = Literal["auto", "ravel", "variadic"]
 PACK_MODES = get_args(Pack)
 RAVEL_BELOW_ONE_PROCESS = 64 << 10
 RAVEL_BELOW_MULTI_PROCESS = 1 << 20
+RAVEL_ALL = sys.maxsize
 
 
 def auto_ravel_below() -> int:
   """The "auto" threshold for this run: see the module docstring."""
-  return RAVEL_BELOW_ONE_PROCESS if jax.process_count() == 1 else RAVEL_BELOW_MULTI_PROCESS
+  if jax.process_count() == 1:
+    return RAVEL_BELOW_ONE_PROCESS
+  return RAVEL_BELOW_MULTI_PROCESS if host_memory_mode() == "system" else RAVEL_ALL
+
+
+def auto_rule() -> str:
+  """The "auto" threshold for this run, in words (compared across processes)."""
+  below = auto_ravel_below()
+  if below == RAVEL_ALL:
+    return f"whole buckets raveled (host memory: {host_memory_mode()})"
+  return f"leaves below {below} bytes raveled"
 
 
 def ravel(leaves: Sequence[jax.Array]) -> jax.Array:

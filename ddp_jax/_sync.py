@@ -393,6 +393,14 @@ def _chained() -> bool:
   return mode == "1"
 
 
+def _run_settings(config: SyncConfig) -> dict:
+  """The config's settings plus what this process's environment decides at trace time
+  (the bucket chain; the "auto" pack threshold, which follows host-memory reuse), so
+  processes started differently fail the cross-process check instead of sending
+  different operands."""
+  return dict(config.settings, bucket_chain=_chained(), auto_pack=_pack.auto_rule())
+
+
 def _debug_log(plan: BucketPlan, hook: CommHook, axis_name, world: int) -> None:
   """With DDP_JAX_DEBUG=1, prints each new plan once, at trace time."""
   if os.environ.get("DDP_JAX_DEBUG", "") in ("", "0") or (plan, axis_name) in _LOGGED:
@@ -539,8 +547,7 @@ def _transformation(config: SyncConfig):
     size = _axes.axis_size(axis_name, "sync_gradients")
     _debug_log(plan, hook, axis_name, size)
     chain = _chained()
-    _faults.record(dict(fingerprint(plan, hook, axis_name, size,
-                                    dict(config.settings, bucket_chain=chain)),
+    _faults.record(dict(fingerprint(plan, hook, axis_name, size, _run_settings(config)),
                         tag=_tag(plan, hook).tolist()))
     if len(state.hook_states) != plan.num_buckets:
       raise ValueError(
@@ -680,8 +687,7 @@ def verify_sync(tx, grads) -> None:
         f"chain around it); got {type(tx).__name__}.")
   config = tx.config
   _faults.agree("verify_sync", [fingerprint(config.plan(grads), config.hook, config.axis_name,
-                                            None, dict(config.settings,
-                                                       bucket_chain=_chained()))])
+                                            None, _run_settings(config))])
 
 
 def check_state_tags(states: list, records: list) -> None:

@@ -34,6 +34,8 @@ if rank == 1 and mode.startswith("mismatch_"):  # rank 1 differs in one thing
     tree["c"] = np.ones((9,), np.float32)
   elif what == "chain":  # one rank's buckets chained, the other's merged by XLA
     os.environ["DDP_JAX_BUCKET_CHAIN"] = "1"
+  elif what == "host_memory":  # as if started without ddp-jax-run's malloc settings
+    os.environ["GLIBC_TUNABLES"] = ""
 
 
 if mode == "broadcast":  # mixed dtypes, scalars, bools: process 0's values everywhere
