@@ -18,18 +18,17 @@ a call costs ~0.2 ms in one process with 8 devices (whose copies share the
 host's cores) and ~0.35 ms over gloo between processes (one device each),
 so small leaves are raveled below 64 KiB in one process and below 1 MiB
 across processes. Across processes started with huge pages or reused host memory
-(:mod:`ddp_jax._host_memory`; ``ddp-jax-run`` starts them so) copying is cheap and
-every bucket is raveled whole, one operand per bucket as in DDP. ResNet-50's sync over
-4 gloo processes, torch DDP's in the same run in brackets (``benchmarks/bench_peer.py``):
-glibc as configured, 1 MiB threshold 333 ms (261), whole buckets 431-450 ms (211-222:
-every copy page-faults its fresh buffer, so the 1 MiB threshold stays there); huge
-pages 300 ms (220) and 252-254 ms (205-214); reused memory 291-295 ms (216-220) and
-212-214 ms (217-220).
+(:mod:`ddp_jax._host_memory`; ``ddp-jax-run`` starts them so) copies are cheaper and
+the threshold is 4 MiB. Sync cost over 4 gloo processes with huge pages, torch DDP's in
+the same run in brackets (``benchmarks/bench_peer.py``): ResNet-50 1 MiB 300 ms (220),
+4 MiB 221 (208), whole buckets 249 (212); BERT-base 1119 (849), 1046 (896), 1256 (873);
+GPT-2 small 1672 (1054), 1168 (964), 1462 (1011). With glibc as configured whole
+buckets were worse still (ResNet-50 431-450 ms against 333 with 1 MiB: every copy
+page-faults its fresh buffer).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -43,22 +42,21 @@ Pack = Literal["auto", "ravel", "variadic"]
 PACK_MODES = get_args(Pack)
 RAVEL_BELOW_ONE_PROCESS = 64 << 10
 RAVEL_BELOW_MULTI_PROCESS = 1 << 20
-RAVEL_ALL = sys.maxsize
+RAVEL_BELOW_MULTI_PROCESS_FAST_HOST = 4 << 20
 
 
 def auto_ravel_below() -> int:
   """The "auto" threshold for this run: see the module docstring."""
   if jax.process_count() == 1:
     return RAVEL_BELOW_ONE_PROCESS
-  return RAVEL_BELOW_MULTI_PROCESS if host_memory_mode() == "system" else RAVEL_ALL
+  if host_memory_mode() == "system":
+    return RAVEL_BELOW_MULTI_PROCESS
+  return RAVEL_BELOW_MULTI_PROCESS_FAST_HOST
 
 
 def auto_rule() -> str:
   """The "auto" threshold for this run, in words (compared across processes)."""
-  below = auto_ravel_below()
-  if below == RAVEL_ALL:
-    return f"whole buckets raveled (host memory: {host_memory_mode()})"
-  return f"leaves below {below} bytes raveled"
+  return f"leaves below {auto_ravel_below()} bytes raveled (host memory: {host_memory_mode()})"
 
 
 def ravel(leaves: Sequence[jax.Array]) -> jax.Array:

@@ -69,8 +69,8 @@ def test_rank_leaving_early_is_named():
     ("cap", "bucket_cap_mb is 0.0001 there, 25 here"),
     ("pack", "pack is 'variadic' there, 'auto' here"),
     ("chain", "bucket_chain is True there, False here"),
-    ("host_memory", "auto_pack is 'leaves below 1048576 bytes raveled' there, "
-                    "'whole buckets raveled (host memory: hugepages)' here"),
+    ("host_memory", "auto_pack is 'leaves below 1048576 bytes raveled (host memory: system)' "
+                    "there, 'leaves below 4194304 bytes raveled (host memory: hugepages)' here"),
     ("tree", "init_state: process 1 runs a different configuration than process 0: "
              "leaves[1] is ['c'] float32[9] there, ['c'] float32[8] here"),
 ])
