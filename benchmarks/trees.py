@@ -82,6 +82,12 @@ def tiny_leaves(n=1000, nbytes=1024, dtype=jnp.float32):
   return {f"p{i:04d}": _sds((size,), dtype) for i in range(n)}
 
 
+def mlp_2x2m(dtype=jnp.float32):
+  """Two 2 MiB matrices and their biases: DDP puts them in two buckets (the smoke test)."""
+  return {"w1": _sds((512, 1024), dtype), "b1": _sds((1024,), dtype),
+          "w2": _sds((1024, 512), dtype), "b2": _sds((512,), dtype)}
+
+
 TREES = {
     "resnet50": resnet50,
     "resnet50_bf16": lambda: resnet50(jnp.bfloat16),
@@ -91,6 +97,7 @@ TREES = {
     "gpt2_small_mixed": lambda: gpt2_small(jnp.bfloat16, jnp.float32),
     "tiny_161x4k": lambda: tiny_leaves(161, 4096),
     "tiny_1000x1k": lambda: tiny_leaves(1000, 1024),
+    "mlp_2x2m": mlp_2x2m,
 }
 
 

@@ -1,0 +1,35 @@
+"""The peer benchmark runs end to end against torch DDP (a smoke test, no timing asserts).
+
+Covers what made it stop before: torch's PowerSGD hook with gloo and two buckets (it
+deadlocks on 4 ranks, and on 2 ranks the buckets' all-reduces cross and gloo aborts with
+"Received data size doesn't match expected size"), so the benchmark gives it one bucket.
+``mlp_2x2m`` is a tree DDP would split into two buckets.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytestmark = [pytest.mark.conformance, pytest.mark.multiprocess]
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py"
+
+
+def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(BENCH), "--tree", "mlp_2x2m", "--processes", "2", "--hooks",
+       "powersgd", "--steps", "1", "--timeout", "120", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "did not finish" not in proc.stdout, proc.stdout
+  report = json.loads((tmp_path / "peer_mlp_2x2m_2proc.json").read_text())
+  (row,) = report["rows"]
+  assert row["hook"] == "powersgd"
+  for side in ("torch", "jax", "jax_restart"):
+    (run,) = row["runs"][side]
+    assert run["construct_s"] > 0 and run["first_iter_s"] > 0, (side, run)
+  table = (tmp_path / "peer_mlp_2x2m_2proc.md").read_text()
+  assert "| powersgd | sync cost per step |" in table and "x |" in table, table
