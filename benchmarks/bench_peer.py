@@ -9,7 +9,9 @@ costs next to nothing: what is measured is the data-parallel machinery. Per hook
 (``allreduce``, ``fp16``, ``powersgd`` rank 4 from the first step), each side reports:
 
 - **first step**: construct (DDP's constructor; ddp_jax's ``broadcast_from_process0`` +
-  ``init_state``) + the first iteration (ddp_jax: trace, compile and run);
+  ``init_state``) + the first iteration (ddp_jax: trace, compile and run; the XLA
+  compile time inside it, from jax's ``backend_compile_duration`` events, is reported
+  beside it: process 0's, 0 when the executable came from the cache);
 - **sync cost**: a step minus the same step without communication, timed back to back
   (DDP: under ``no_sync()``; ddp_jax: ``hooks.noop()``), median over ``--steps``.
 
@@ -151,6 +153,10 @@ def run_jax(tree_name, hook, steps):
     return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2, out_specs=out_specs)
 
   c = ddp_jax.global_batch([x[None] for x in consts], mesh)
+  compiled = []  # XLA's compile time (process 0 compiles, the others load its executable)
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **_: compiled.append(secs)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
   ddp_jax.verify_replicas({})
   t0 = time.perf_counter()
   tx, step = make(hooks[hook])
@@ -158,9 +164,11 @@ def run_jax(tree_name, hook, steps):
   s = ddp_jax.init_state(tx, p, mesh, "data")
   jax.block_until_ready(s)
   construct = time.perf_counter() - t0
+  compiled.clear()
   t1 = time.perf_counter()
   p, s = jax.block_until_ready(step(p, s, c))
   first = time.perf_counter() - t1
+  compile_s = sum(compiled)
   # The same step without communication: its parameters differ per replica, so they
   # come out concatenated (P("data")) and are not fed back.
   tx0, _ = make(ddp_jax.hooks.noop())
@@ -180,7 +188,7 @@ def run_jax(tree_name, hook, steps):
     jax.block_until_ready(step0(p, s0, c))
     local.append(time.perf_counter() - t)
   cost = float(np.median(np.asarray(synced) - np.asarray(local)))
-  return rank, gather_max([construct, first, cost], "jax")
+  return rank, gather_max([construct, first, cost, compile_s], "jax")
 
 
 def write_report(stem, report: dict, lines: list) -> int:
@@ -248,12 +256,15 @@ def main(argv=None) -> int:
         if code.returncode:
           print(code.stdout[-3000:], code.stderr[-2000:])
           return code.returncode
-        construct, first, cost = json.loads(tmp.read_text())
+        construct, first, cost, *compile_s = json.loads(tmp.read_text())
         tmp.unlink()
-        rows.setdefault((hook, label), []).append(
-            {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost})
+        row = {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost}
+        if compile_s:  # ddp_jax: XLA compile time inside the first iteration
+          row["compile_s"] = compile_s[0]
+        rows.setdefault((hook, label), []).append(row)
         print(f"round {rnd} {hook:9s} {label:11s} construct {construct:6.2f} s  first "
-              f"iteration {first:6.2f} s  sync cost {cost * 1e3:8.1f} ms", flush=True)
+              f"iteration {first:6.2f} s  sync cost {cost * 1e3:8.1f} ms"
+              + (f"  compile {compile_s[0]:5.2f} s" if compile_s else ""), flush=True)
   shutil.rmtree(cache, ignore_errors=True)
 
   def med(hook, label, key):
@@ -265,10 +276,13 @@ def main(argv=None) -> int:
     return med(hook, label, "construct_s") + med(hook, label, "first_iter_s")
 
   def cell(hook, label):
-    if not rows.get((hook, label)):
+    runs = rows.get((hook, label))
+    if not runs:
       return f"did not finish in {args.timeout} s"
+    compile_s = (f", compile {med(hook, label, 'compile_s'):.2f}"
+                 if all("compile_s" in r for r in runs) else "")
     return (f"{first(hook, label):.2f} s ({med(hook, label, 'construct_s'):.2f} + "
-            f"{med(hook, label, 'first_iter_s'):.2f})")
+            f"{med(hook, label, 'first_iter_s'):.2f}{compile_s})")
 
   def ratio(a, b):
     return "-" if math.isnan(a / b) else f"{a / b:.2f}x"
@@ -279,7 +293,8 @@ def main(argv=None) -> int:
   lines = [f"ddp_jax vs torch {__import__('torch').__version__} DDP, {args.tree} shapes, "
            f"{args.processes} processes x 1 CPU device, gloo over loopback, host memory "
            f"{args.host_memory}; medians of "
-           f"{args.rounds} round(s); first step = construct + first iteration", "",
+           f"{args.rounds} round(s); first step = construct + first iteration (ddp_jax: with "
+           "the XLA compile time inside it)", "",
            "| hook | what | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
   report = {"tree": args.tree, "processes": args.processes, "rows": []}
   for hook in args.hooks:
