@@ -243,8 +243,9 @@ def main(argv=None) -> int:
       for backend, label in (("torch", "torch"), ("jax", "jax"), ("jax", "jax_restart")):
         tmp = Path(f"{stem}.{label}.{hook}.tmp")
         cmd = [sys.executable, "-m", "ddp_jax.run", "--nproc-per-node", str(args.processes),
-               "--cpu-devices", "1", "--host-memory", args.host_memory, "--compilation-cache", str(cache), __file__, "--tree",
-               args.tree, "--steps", str(args.steps), "--child", backend, hook, str(tmp)]
+               "--cpu-devices", "1", "--host-memory", args.host_memory,
+               "--compilation-cache", str(cache), __file__, "--tree", args.tree,
+               "--steps", str(args.steps), "--child", backend, hook, str(tmp)]
         try:
           code = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                 timeout=args.timeout)

@@ -160,6 +160,7 @@ def test_auto_pack_follows_host_memory_across_processes(monkeypatch):
   reused memory (bench_peer, ResNet-50: 221 ms against 300 ms with the 1 MiB rule), below
   1 MiB otherwise; a 2 MiB and an 8-element leaf, and a 4 MiB leaf that always travels alone."""
   from ddp_jax import _pack
+  from ddp_jax._host_memory import REUSE_ENV
   spec = ddp_jax.plan_buckets([jax.numpy.zeros((1 << 19,)), jax.numpy.zeros((8,)),
                                jax.numpy.zeros((1 << 20,))], first_bucket_cap_mb=25).buckets[0]
   monkeypatch.setattr(jax, "process_count", lambda: 4)
@@ -171,7 +172,7 @@ def test_auto_pack_follows_host_memory_across_processes(monkeypatch):
                             ("hugepages", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, together),
                             ("reuse", {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                                        "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}, together)]:
-    for key in ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+    for key in (*REUSE_ENV, "GLIBC_TUNABLES"):
       monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
       monkeypatch.setenv(key, value)
