@@ -104,14 +104,18 @@ def test_nnx_optimizer_with_per_replica_hook_state(mesh8):
     return model, optimizer, jax.lax.pmean(loss, "data")
 
   step = ddp_jax.data_parallel(train_step, mesh8, "data", batch_argnums=(2, 3))
-  xs, ys = batches()
+  # One batch, five steps: its loss must go down every step. (Five random batches, as
+  # before, compared the last batch's loss with the first's: 2.45-2.75 from the batch
+  # alone, so a change of PowerSGD's random start flipped it.)
+  xs, ys = batches(steps=1)
   losses = []
-  for x, y in zip(xs, ys):
-    model, optimizer, loss = step(model, optimizer, x, y)
+  for _ in range(5):
+    model, optimizer, loss = step(model, optimizer, xs[0], ys[0])
     losses.append(float(loss))
   new = optimizer.opt_state[0].hook_states[0].residual
   assert new.shape == residual.shape and np.abs(np.asarray(new[...])).max() > 0
-  assert losses[-1] < losses[0]
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < losses[0] - 0.1, losses  # 2.26 -> 2.02-2.03 (rank 1, momentum 0.9)
 
 
 def test_nnx_example_trains(standard_promotion):

@@ -43,21 +43,30 @@ def matrix_shape(shape) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
-def orthogonalize(matrices, epsilon: float = 0.0):
-  """Orthonormal columns for a batch ``(b, n, r)``: Gram-Schmidt for ``r <= 2``, QR
-  otherwise (as PyTorch). 16-bit inputs are orthogonalized in float32 and cast back
-  (PyTorch runs Gram-Schmidt in half precision, which loses orthogonality quickly
-  beyond rank 2).
+def orthogonalize(matrices, epsilon: float = 0.0, rows=None):
+  """Orthonormal columns for a batch ``(b, n, r)`` by Gram-Schmidt at every rank (PyTorch:
+  QR above rank 2), each column projected against the earlier ones twice ("twice is
+  enough"): the same basis as QR up to column signs, which PowerSGD's ``P Qᵀ`` does not
+  see, and more orthogonal than a float32 Householder QR (P Pᵀ M of a constant 300 x 5
+  gradient, 300 random starts: 1.6e-6 against up to 1.3e-5 of its scale). 16-bit inputs are orthogonalized in
+  float32 and cast back (PyTorch runs Gram-Schmidt in half precision, which loses
+  orthogonality quickly beyond rank 2).
 
-  Gram-Schmidt projects each column against the earlier ones a second time before
-  normalizing it ("twice is enough"). A column that is dependent on the earlier ones
-  (what is left after the projections is at most ``4 n`` float32 epsilons of its
-  norm: the worst-case rounding of two length-``n`` projections) or zero is replaced
-  by a unit vector orthogonal to them, as QR does. Its residual would otherwise be
-  rounding noise, possibly parallel to an earlier column, and normalizing it would
-  count that direction twice in ``P Q^T`` (a rank-deficient gradient, e.g. a small
-  batch's, came back doubled); a zero column kept zero would never recover under warm
-  start. So the result is always an orthonormal basis and ``P P^T M`` a projection.
+  ``rows`` (static, one per matrix) marks rows past ``rows[i]`` of matrix ``i`` as zero
+  padding: they stay zero and are never picked below. Matrices of different heights so
+  share one batch, and the columns run in one ``fori_loop``: a constant number of
+  compiled kernels for any number of matrices and any rank (one QR per matrix was a
+  third of PowerSGD's XLA compile time on ResNet-50; a batched LAPACK QR can wait forever
+  on a multi-device CPU mesh for a thread pool that every other device's all-reduce holds).
+
+  A column that is dependent on the earlier ones (what is left after the projections is
+  at most ``4 n`` float32 epsilons of its norm: the worst-case rounding of two length-``n``
+  projections) or zero is replaced by a unit vector orthogonal to them, as QR does. Its
+  residual would otherwise be rounding noise, possibly parallel to an earlier column, and
+  normalizing it would count that direction twice in ``P Pᵀ M`` (a rank-deficient
+  gradient, e.g. a small batch's, came back doubled); a zero column kept zero would never
+  recover under warm start. So the result is always an orthonormal basis and ``P Pᵀ M`` a
+  projection.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -66,44 +75,83 @@ def orthogonalize(matrices, epsilon: float = 0.0):
     True
   """
   if jnp.finfo(matrices.dtype).bits <= 16:
-    return orthogonalize(matrices.astype(jnp.float32), epsilon).astype(matrices.dtype)
-  # The basis (Gram-Schmidt's, or QR's Q) does not change when a column is scaled by a
-  # positive number: bring every column to entries of at most 1 first, so no squared
-  # norm underflows (gradients of 1e-35) or overflows (1e36).
+    return orthogonalize(matrices.astype(jnp.float32), epsilon, rows).astype(matrices.dtype)
+  b, n, rank = matrices.shape
+  # The basis does not change when a column is scaled by a positive number: bring every
+  # column to entries of at most 1 first, so no squared norm underflows (gradients of
+  # 1e-35) or overflows (1e36).
   peak = jnp.max(jnp.abs(matrices), axis=1, keepdims=True)
   matrices = matrices / jnp.where(peak > 0, peak, 1)
-  rank = matrices.shape[2]
-  if rank > 2:
-    if matrices.shape[0] == 1:
-      return jnp.linalg.qr(matrices)[0]
-    # One QR at a time: a batched LAPACK QR on a multi-device CPU mesh can wait forever
-    # for a thread pool that every other device's all-reduce holds.
-    return lax.map(lambda m: jnp.linalg.qr(m)[0], matrices)
-  n = matrices.shape[1]
-  tol = 4 * n * float(jnp.finfo(matrices.dtype).eps)
+  heights = np.full((b, 1), n) if rows is None else np.asarray(rows).reshape(b, 1)
+  valid = lax.broadcasted_iota(jnp.int32, (b, n), 1) < jnp.asarray(heights, jnp.int32)
+  tol = jnp.asarray(4 * heights * float(jnp.finfo(matrices.dtype).eps), matrices.dtype)
 
-  def project_out(col, basis):
-    for q in basis:
-      col = col - jnp.sum(q * col, axis=1, keepdims=True) * q
-    return col
+  sizes = jnp.linalg.norm(matrices, axis=1)  # (b, r): every column's norm
 
-  def normalize(col):
-    norm = jnp.linalg.norm(col, axis=1, keepdims=True)
-    return col / (norm + epsilon if epsilon else jnp.where(norm > 0, norm, 1))
+  def project_out(cols, basis):  # (b, n, c); the basis's columns not filled yet are zero
+    return cols - jnp.einsum("bnr,brc->bnc", basis, jnp.einsum("bnr,bnc->brc", basis, cols))
 
-  basis = []
-  for i in range(rank):
-    col = matrices[:, :, i]
-    size = jnp.linalg.norm(col, axis=1, keepdims=True)
-    col = project_out(project_out(col, basis), basis)
-    dependent = jnp.linalg.norm(col, axis=1, keepdims=True) <= tol * size
-    # The completion: the unit vector e_j where the earlier columns are smallest (its
-    # part outside their span has norm >= sqrt(1 - i / n) > 0), projected out twice.
-    weight = sum((jnp.abs(q) for q in basis), jnp.zeros_like(col))
-    unit = jax.nn.one_hot(jnp.argmin(weight, axis=1), n, dtype=col.dtype)
-    unit = normalize(project_out(project_out(unit, basis), basis))
-    basis.append(jnp.where(dependent, unit, normalize(col)))
-  return jnp.stack(basis, axis=2)
+  def column(k, basis):
+    # The candidate and its completion, projected out twice together: the unit vector
+    # e_j where the earlier columns are smallest (its part outside their span has norm
+    # >= sqrt(1 - k / n) > 0), used where the candidate is dependent.
+    weight = jnp.where(valid, jnp.sum(jnp.abs(basis), axis=2), jnp.inf)
+    unit = jax.nn.one_hot(jnp.argmin(weight, axis=1), n, dtype=matrices.dtype)
+    pair = jnp.stack([lax.dynamic_index_in_dim(matrices, k, axis=2, keepdims=False), unit], 2)
+    pair = project_out(project_out(pair, basis), basis)
+    norms = jnp.linalg.norm(pair, axis=1)  # (b, 2)
+    dependent = norms[:, 0] <= tol[:, 0] * lax.dynamic_index_in_dim(sizes, k, 1, False)
+    scale = norms + epsilon if epsilon else jnp.where(norms > 0, norms, 1)
+    pair = pair / scale[:, None, :]
+    new = jnp.where(dependent[:, None], pair[:, :, 1], pair[:, :, 0])
+    return lax.dynamic_update_index_in_dim(basis, new, k, axis=2)
+
+  return lax.fori_loop(0, rank, column, jnp.zeros_like(matrices))
+
+
+class _Padded:
+  """Static: groups of same-height matrices (``units``: ``(count, rows)`` each, all
+  ``width`` wide) as a few zero-padded batches for :func:`orthogonalize`. Sorted by
+  height, a batch takes the next group while it stays within 2x of its matrices' rows or
+  within 2**20 elements."""
+
+  def __init__(self, units, width):
+    self.units, self.width = list(units), width
+    self.batches = []  # (unit positions, padded height)
+    for u in sorted(range(len(self.units)), key=lambda u: -self.units[u][1]):
+      count, rows = self.units[u]
+      if self.batches:
+        members, top = self.batches[-1]
+        total = sum(self.units[v][0] for v in members) + count
+        actual = sum(c * r for c, r in (self.units[v] for v in members)) + count * rows
+        if total * top <= 2 * actual or total * top * width <= 1 << 20:
+          members.append(u)
+          continue
+      self.batches.append(([u], rows))
+
+  def orthogonalize(self, parts, epsilon, redraw=None):
+    """``parts``: one ``(count, rows, width)`` array per group; returns them with every
+    matrix orthonormalized. ``redraw``: ``(flag, key)``; where the flag is true the
+    matrices are replaced by standard normal draws first, one draw per batch (a draw
+    per matrix compiles into a large kernel each: 15 s on ResNet-50's 54)."""
+    out = [None] * len(parts)
+    for b, (members, top) in enumerate(self.batches):
+      heights = [rows for u in members for rows in [self.units[u][1]] * self.units[u][0]]
+      batch = jnp.concatenate([jnp.pad(parts[u], ((0, 0), (0, top - self.units[u][1]), (0, 0)))
+                               for u in members])
+      if redraw is not None:
+        flag, key = redraw
+        valid = lax.broadcasted_iota(jnp.int32, batch.shape, 1) < jnp.asarray(
+            np.reshape(heights, (-1, 1, 1)), jnp.int32)
+        drawn = jax.random.normal(jax.random.fold_in(key, b), batch.shape, batch.dtype)
+        batch = jnp.where(flag, jnp.where(valid, drawn, 0), batch)
+      done = orthogonalize(batch, epsilon, heights)
+      start = 0
+      for u in members:
+        count, rows = self.units[u]
+        out[u] = done[start:start + count, :rows]
+        start += count
+    return out
 
 
 def _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, name):
@@ -117,40 +165,82 @@ def _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, na
 
 
 class _Layout:
-  """Static: which leaves of a bucket are compressed, grouped into batches of one shape."""
+  """Static: which leaves of a bucket are compressed; the compute groups (all leaves of
+  one matrix shape: their matrix products batched, whatever the state's grouping); the
+  state groups (``qs``: by shape with ``batch_same_shape``, else one leaf each); the runs
+  of consecutive uncompressed leaves; the orthogonalization batches, one set per rank."""
 
   def __init__(self, spec, rank, min_compression_rate, batch_same_shape):
     self.compressed, self.uncompressed = [], []
-    groups = defaultdict(list)
+    shapes = defaultdict(list)
     for i, shape in enumerate(spec.shapes):
       n, m = matrix_shape(shape)
       r = min(n, m, rank)
       if should_compress(n, m, r, min_compression_rate)[0]:
         self.compressed.append(i)
-        groups[(n, m, r)].append(i)
+        shapes[(n, m, r)].append(i)
       else:
         self.uncompressed.append(i)
-    # Each group: (leaf positions, n, m, r); batched by shape or one leaf at a time.
+    self.units = [(tuple(g), n, m, r) for (n, m, r), g in shapes.items()]
+    # Each state group: (leaf positions, n, m, r); by shape or one leaf at a time.
     self.groups = []
-    for (n, m, r), members in groups.items():
-      chunks = [members] if batch_same_shape else [[i] for i in members]
-      self.groups.extend((tuple(c), n, m, r) for c in chunks)
+    for g, n, m, r in self.units:
+      chunks = [g] if batch_same_shape else [(i,) for i in g]
+      self.groups.extend((c, n, m, r) for c in chunks)
     self.p_size = sum(len(g) * n * r for g, n, m, r in self.groups)
     self.q_size = sum(len(g) * m * r for g, n, m, r in self.groups)
     self.uncompressed_size = sum(spec.lengths[i] for i in self.uncompressed)
+    self.runs = []  # (first, last + 1) leaf positions of consecutive uncompressed leaves
+    for i in self.uncompressed:
+      if self.runs and self.runs[-1][1] == i:
+        self.runs[-1] = (self.runs[-1][0], i + 1)
+      else:
+        self.runs.append((i, i + 1))
+    self.by_rank = []  # (unit positions, P batches, Q batches)
+    for r in sorted({r for *_, r in self.units}):
+      units = [u for u, (*_, ur) in enumerate(self.units) if ur == r]
+      self.by_rank.append((units, _Padded([(len(self.units[u][0]), self.units[u][1])
+                                           for u in units], r),
+                           _Padded([(len(self.units[u][0]), self.units[u][2])
+                                    for u in units], r)))
+
+  def orthogonalize(self, parts, side, epsilon, redraw=None):
+    """Per unit ``(count, rows, r)`` arrays, every matrix orthonormalized; ``side`` 1
+    for Ps (``n`` rows), 2 for Qs (``m`` rows)."""
+    out = [None] * len(parts)
+    for b, (units, *padded) in enumerate(self.by_rank):
+      key = None if redraw is None else (redraw[0], jax.random.fold_in(redraw[1], b))
+      done = padded[side - 1].orthogonalize([parts[u] for u in units], epsilon, key)
+      for u, x in zip(units, done):
+        out[u] = x
+    return out
+
+  def to_units(self, arrays):
+    """State groups' arrays (``qs``) as one array per unit."""
+    if len(self.groups) == len(self.units):
+      return list(arrays)
+    return [jnp.concatenate(arrays[k:k + len(g)]) for k, (g, *_) in zip(self.starts(), self.units)]
+
+  def to_groups(self, arrays):
+    """One array per unit as the state groups' arrays."""
+    if len(self.groups) == len(self.units):
+      return tuple(arrays)
+    return tuple(x[j:j + 1] for x, (g, *_) in zip(arrays, self.units) for j in range(len(g)))
+
+  def starts(self):
+    return np.cumsum([0] + [len(g) for g, *_ in self.units])[:-1].tolist()
 
 
-def _draw(key, layout, dtype) -> list:
-  """Fresh Q for every group from one normal draw over all compressed leaves, each leaf
-  its own slice in leaf order (batching by shape does not change Q). One draw, not one
-  per leaf: each threefry draw is a large kernel, and 54 of them (ResNet-50) cost 15 s
-  of XLA compile."""
-  sizes = {i: m * r for g, n, m, r in layout.groups for i in g}
-  order = sorted(sizes)
-  offsets = dict(zip(order, np.cumsum([0] + [sizes[i] for i in order])[:-1].tolist()))
-  flat = jax.random.normal(key, (sum(sizes.values()),), dtype)
-  return [jnp.stack([lax.dynamic_slice_in_dim(flat, offsets[i], m * r).reshape(m, r)
-                     for i in g]) for g, n, m, r in layout.groups]
+def _first_qs(layout, spec, seed) -> tuple:
+  """Warm start's first Qs: standard normal, drawn on the host from ``(seed, bucket
+  index)`` leaf by leaf in leaf order (so grouping by shape does not change them), the
+  same on every replica. Constants of the init program: a draw in the step compiled
+  into ~15 kernels per bucket (a second of XLA compile on GPT-2's 19 buckets)."""
+  rng = np.random.default_rng([seed, spec.index])
+  dims = {i: (m, r) for g, n, m, r in layout.groups for i in g}
+  drawn = {i: rng.standard_normal(dims[i]).astype(np.float32) for i in sorted(dims)}
+  return tuple(jnp.asarray(np.stack([drawn[i] for i in g]), spec.dtype)
+               for g, *_ in layout.groups)
 
 
 class PowerSGDState(NamedTuple):
@@ -220,24 +310,27 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
 
   def init_fn(spec):
     layout = _Layout(spec, rank, min_compression_rate, batch_tensors_with_same_shape)
-    qs = tuple(jnp.zeros((len(g), m, r), spec.dtype) for g, n, m, r in layout.groups)
-    return PowerSGDState(jnp.zeros((), jnp.int32), qs, jax.random.key_data(jax.random.key(seed)),
+    return PowerSGDState(jnp.zeros((), jnp.int32), _first_qs(layout, spec, seed),
+                         jax.random.key_data(jax.random.key(seed)),
                          *_feedback.residual_state(spec))
 
   def compressed_step(bucket, state, ctx):
     layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
     corrected = _feedback.correct(bucket, state, ctx, use_error_feedback)
-    leaves = list(bucket.from_flat(corrected))
-    out = [None] * len(leaves)
-    if layout.uncompressed:
-      flat = _pack.ravel([leaves[i] for i in layout.uncompressed])
-      mean = _allreduce_mean(flat, ctx)
-      parts = _pack.split_shapes(mean, [bucket.shapes[i] for i in layout.uncompressed])
-      for i, part in zip(layout.uncompressed, parts):
-        out[i] = part
-    if layout.groups:
+    offsets = bucket.spec.offsets + (bucket.size,)
+    # Runs of consecutive uncompressed leaves go in one slice each, both ways.
+    runs = [lax.slice_in_dim(corrected, offsets[a], offsets[b]) for a, b in layout.runs]
+    pieces = {}  # leaf position of a run's first leaf or of a compressed leaf -> result
+    if runs:
+      mean = _allreduce_mean(_pack.ravel(runs), ctx)
+      start = 0
+      for (first, _), run in zip(layout.runs, runs):
+        pieces[first] = lax.slice_in_dim(mean, start, start + run.size)
+        start += run.size
+    if layout.units:
       dtype = bucket.dtype
-      mats = [jnp.stack([leaves[i].reshape(n, m) for i in g]) for g, n, m, r in layout.groups]
+      mats = [jnp.stack([lax.slice_in_dim(corrected, offsets[i], offsets[i + 1]).reshape(n, m)
+                         for i in g]) for g, n, m, r in layout.units]
       # 16-bit buckets: P, Q and the products are computed in f32 on the bucket divided by
       # a shared maximum (one scalar pmax), and P and Q travel scaled by static factors to
       # entries of at most 1, so nothing overflows f16 (gradients of 3e4 did: P = M Q).
@@ -249,32 +342,32 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         shared = jnp.where(jnp.logical_and(jnp.isfinite(amax), amax > 0), amax, 1.0)
         mats = [mat.astype(jnp.float32) / shared for mat in mats]
       work = jnp.float32 if half else dtype
-      fresh = jnp.logical_or(not warm_start, state.iter == start_iter)
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iter)
-      drawn = _draw(key, layout, state.qs[0].dtype)
-      qs = [orthogonalize(jnp.where(fresh, d, q), orthogonalization_epsilon).astype(work)
-            for d, q in zip(drawn, state.qs)]
+      # Warm start begins from the Qs drawn at init; without it, fresh ones every step.
+      redraw = None if warm_start else (True, jax.random.fold_in(
+          jax.random.wrap_key_data(state.key), state.iter))
+      qs = [q.astype(work) for q in layout.orthogonalize(
+          layout.to_units(state.qs), 2, orthogonalization_epsilon, redraw)]
       ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
       if half:  # |M q| <= sqrt(m) per replica, N replicas
-        ps = [p / (ctx.axis_size * math.sqrt(g[2])) for p, g in zip(ps, layout.groups)]
+        ps = [p / (ctx.axis_size * math.sqrt(u[2])) for p, u in zip(ps, layout.units)]
       p_all = lax.psum(_pack.ravel(ps).astype(dtype), ctx.axis_name)  # summed: orthogonalized
-      ps = [orthogonalize(p, orthogonalization_epsilon).astype(work)
-            for p in _pack.split_shapes(p_all, [p.shape for p in ps])]
+      ps = [p.astype(work) for p in layout.orthogonalize(
+          _pack.split_shapes(p_all, [p.shape for p in ps]), 1, orthogonalization_epsilon)]
       qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
       if half:  # |M^T p| <= sqrt(n)
-        qs = [q / math.sqrt(g[1]) for q, g in zip(qs, layout.groups)]
+        qs = [q / math.sqrt(u[1]) for q, u in zip(qs, layout.units)]
       q_all = _allreduce_mean(_pack.ravel(qs).astype(dtype), ctx)
       qs = _pack.split_shapes(q_all, [q.shape for q in qs])
-      for (g, n, *_), p, q in zip(layout.groups, ps, qs):
+      for (g, n, *_), p, q in zip(layout.units, ps, qs):
         approx = jnp.einsum("bnr,bmr->bnm", p, q.astype(work))
         if half:
           approx = (approx * (shared * math.sqrt(n))).astype(dtype)
         for j, i in enumerate(g):
-          out[i] = approx[j].reshape(bucket.shapes[i])
-      new_qs = tuple(qs)
+          pieces[i] = approx[j]
+      new_qs = layout.to_groups(qs)
     else:
       new_qs = state.qs
-    result = _pack.ravel(out)
+    result = _pack.ravel([pieces[i] for i in sorted(pieces)])
     return result, state._replace(iter=state.iter + 1, qs=new_qs, **_feedback.next_residual(
         corrected, corrected - result, state, ctx, use_error_feedback))
 
