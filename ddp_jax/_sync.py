@@ -597,9 +597,15 @@ def _transformation(config: SyncConfig):
     # Stateful hooks: did any replica's gradients hold a NaN or Inf? One collective of
     # one fact, checked on each bucket's raveled buffer when the hook made one (one
     # check per bucket; a check per leaf is a compiled kernel per leaf), else per leaf.
+    # The fact's collective waits for every bucket's result (``_never``: always False):
+    # with only the inputs to wait for, XLA:CPU's runtime may start it while a bucket's
+    # collectives are still to come, in another order on each process (gloo then aborts:
+    # "Received data size doesn't match expected size").
     finite = None
     if any(jax.tree.leaves(s) for s in state.hook_states) and sent:
       bad = [jnp.logical_not(_bucket_finite(bucket)) for _, bucket, *_ in done]
+      bad += [x for x in (_never(reduced, spec, bucket.groups)
+                          for spec, bucket, _, _, reduced in done) if x is not None]
       finite = lax.psum(jnp.any(jnp.stack(bad)).astype(jnp.int32), axis_name) == 0
     new_states = []
     for spec, bucket, local, new_local, reduced in done:

@@ -170,3 +170,35 @@ def test_every_dtype_under_pmap(name):
       x = np.asarray(g[key], np.float64)
       bound = (tol + float(jnp.finfo(tree[key].dtype).eps)) * np.abs(x).max()
       assert np.abs(np.asarray(out[key], np.float64) - x.mean(0)).max() <= bound, (name, key)
+
+
+def test_nonfinite_fact_waits_for_every_bucket(mesh8):
+  """The one-scalar psum that tells stateful hooks whether any replica saw a NaN or Inf
+  depends on every bucket's result. Depending on the inputs only, XLA:CPU's runtime
+  started it while a bucket's collectives (inside PowerSGD's ``lax.cond`` before
+  ``start_iter``) were still to come, in another order on each process: gloo aborted
+  4 processes on BERT-base shapes ("Received data size doesn't match expected size")."""
+  from jax.sharding import PartitionSpec as P
+  params = {f"w{i}": jnp.zeros((64, 48)) for i in range(4)}
+  tx = ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.powersgd(rank=2, start_iter=2),
+                              bucket_cap_mb=0.01, first_bucket_cap_mb=0.01)
+  state = ddp_jax.init_state(tx, params, mesh8, "data")
+  specs = ddp_jax.state_specs(state, "data")
+  g = ddp_jax.shard(jax.tree.map(lambda x: np.zeros((8, *x.shape), np.float32), params),
+                    mesh8, "data")
+  fn = jax.shard_map(lambda s, g: tx.update(jax.tree.map(lambda x: x[0], g), s), mesh=mesh8,
+                     in_specs=(specs, P("data")), out_specs=(P(), specs))
+  (outer,) = jax.make_jaxpr(fn)(state, g).jaxpr.eqns
+  eqns = outer.params["jaxpr"].eqns
+  conds = [e for e in eqns if e.primitive.name == "cond"]
+  facts = [e for e in eqns if e.primitive.name.startswith("psum") and len(e.invars) == 1
+           and e.invars[0].aval.shape == () and e.invars[0].aval.dtype == jnp.int32]
+  assert len(conds) == 4 and len(facts) == 1, ([e.primitive.name for e in eqns], len(facts))
+  made_by = {v: e for e in eqns for v in e.outvars}
+  ancestors, todo = set(), list(facts[0].invars)
+  while todo:  # every equation the fact's psum input is computed from
+    e = made_by.get(todo.pop())
+    if e is not None and id(e) not in ancestors:
+      ancestors.add(id(e))
+      todo += [v for v in e.invars if not hasattr(v, "val")]  # not literals
+  assert all(id(c) in ancestors for c in conds)
