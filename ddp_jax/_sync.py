@@ -290,11 +290,10 @@ def _per_replica(leaves: list, plan: BucketPlan, axis_name, size: int, invariant
 
 
 def _all_finite(leaves) -> jax.Array:
-  """No NaN or Inf in any leaf. ``sum(x * 0)`` is exactly 0 when every value is finite
-  and NaN otherwise (Inf * 0 is NaN): one float sum per leaf. XLA:CPU compiles the
-  boolean ``all(isfinite(x))`` of a large array into a cascade of reduce-window kernels
-  (4.5M f32: 0.32 s of compile and 44 ms a call, against 0.035 s and 9 ms)."""
-  return jnp.all(jnp.stack([jnp.sum(x * 0) == 0 for x in leaves]))
+  """No NaN or Inf in any leaf. (``sum(x * 0) == 0`` is exact too and compiles in a third
+  of the time on XLA:CPU, but kept top-k's bucket alive 1x longer, on the hook's input
+  and on its result alike.)"""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _bucket_finite(bucket) -> jax.Array:

@@ -56,7 +56,7 @@ def orthogonalize(matrices, epsilon: float = 0.0, rows=None):
   padding: they stay zero and are never picked below. Matrices of different heights so
   share one batch, and the columns run in one ``fori_loop``: a constant number of
   compiled kernels for any number of matrices and any rank (one QR per matrix was a
-  third of PowerSGD's XLA compile time on ResNet-50; a batched LAPACK QR can wait forever
+  fifth of PowerSGD's XLA compile time on ResNet-50; a batched LAPACK QR can wait forever
   on a multi-device CPU mesh for a thread pool that every other device's all-reduce holds).
 
   A column that is dependent on the earlier ones (what is left after the projections is
