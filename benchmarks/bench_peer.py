@@ -7,10 +7,11 @@ Both sides train a model whose parameters have the tree's shapes and whose loss 
 ``sum(p * c)`` (``c`` fixed per rank), so the gradient is known and the forward/backward
 costs next to nothing: what is measured is the data-parallel machinery. Per hook
 (``allreduce``, ``fp16``, ``powersgd`` rank 4), each side reports what follows. PowerSGD
-compresses from the 2nd iteration on both sides (torch's minimum with error feedback and
-warm start: the first iteration is a plain all-reduce); torch's gets one bucket (its hook
-deadlocks on gloo with two, see ``run_torch``), ddp_jax's its default buckets (one bucket
-of BERT-base compiles 2.4x longer than the default five, and GPT-2's ran out of memory).
+compresses from the 3rd iteration on both sides (``start_iter=2``, torch's minimum with
+error feedback and warm start: the first iteration is a plain all-reduce); torch's gets
+one bucket (its hook deadlocks on gloo with two, see ``run_torch``), ddp_jax's its
+default buckets (one bucket of BERT-base compiles 2.4x longer than the default 15, and
+GPT-2's ran out of memory).
 
 - **first step**: construct (DDP's constructor; ddp_jax's ``broadcast_from_process0`` +
   ``init_state``) + the first iteration (ddp_jax: trace, compile and run; the XLA
@@ -109,7 +110,7 @@ def run_torch(tree_name, hook, steps):
   t1 = time.perf_counter()
   ddp().backward()
   first = time.perf_counter() - t1
-  for _ in range(3):  # PowerSGD compresses from its 2nd iteration on (its minimum)
+  for _ in range(3):  # PowerSGD compresses from its 3rd iteration on (its minimum)
     ddp().backward()
   synced, local = [], []
   for _ in range(steps):
@@ -179,7 +180,7 @@ def run_jax(tree_name, hook, steps):
   s0 = ddp_jax.init_state(tx0, p, mesh, "data")
   _, step0 = make(ddp_jax.hooks.noop(), (P("data"), ddp_jax.state_specs(s0, "data")))
   jax.block_until_ready(step0(p, s0, c))
-  for _ in range(3):  # PowerSGD compresses from its 2nd iteration on, as torch's
+  for _ in range(3):  # PowerSGD compresses from its 3rd iteration on, as torch's
     p, s = jax.block_until_ready(step(p, s, c))
   synced, local = [], []
   for _ in range(steps):
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
            f"{args.processes} processes x 1 CPU device, gloo over loopback, host memory "
            f"{args.host_memory}; medians of "
            f"{args.rounds} round(s); first step = construct + first iteration (ddp_jax: with "
-           "the XLA compile time inside it); PowerSGD rank 4 compressing from the 2nd "
+           "the XLA compile time inside it); PowerSGD rank 4 compressing from the 3rd "
            "iteration on both sides (torch: one bucket, ddp_jax: its default buckets)", "",
            "| hook | what | torch DDP | ddp_jax | ratio |", "|---|---|---:|---:|---:|"]
   report = {"tree": args.tree, "processes": args.processes, "rows": []}
