@@ -291,7 +291,10 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
   collective. Compressed leaves: ``P = M Q`` (all-reduced, summed, orthogonalized),
   ``Q = M^T P`` (all-reduced, averaged), ``M ~ P Q^T``; Ps and Qs travel as packed
   buffers. With error feedback the bucket is corrected by the residual first and the
-  residual becomes ``corrected - result``; with warm start Q is kept across steps.
+  residual becomes ``corrected - result``; with warm start Q is kept across steps,
+  starting from the standard normal Qs ``init`` draws from ``seed`` (the same on every
+  replica), otherwise drawn afresh each step from ``key``. Same-shape leaves' products
+  are batched either way; ``batch_tensors_with_same_shape`` only groups ``qs`` by shape.
 
   State (per replica, checkpointable): ``iter``, ``residual``, ``qs``, ``key``, and the
   quality metrics ``rel_error`` (``|residual| / |corrected|`` of the last step) and
