@@ -129,22 +129,21 @@ class _Padded:
           continue
       self.batches.append(([u], rows))
 
-  def orthogonalize(self, parts, epsilon, redraw=None):
+  def orthogonalize(self, parts, epsilon, key=None):
     """``parts``: one ``(count, rows, width)`` array per group; returns them with every
-    matrix orthonormalized. ``redraw``: ``(flag, key)``; where the flag is true the
-    matrices are replaced by standard normal draws first, one draw per batch (a draw
-    per matrix compiles into a large kernel each: 15 s on ResNet-50's 54)."""
+    matrix orthonormalized. With a PRNG ``key`` the matrices are standard normal draws
+    instead, one draw per batch (a draw per matrix compiles into a large kernel each:
+    15 s on ResNet-50's 54)."""
     out = [None] * len(parts)
     for b, (members, top) in enumerate(self.batches):
       heights = [rows for u in members for rows in [self.units[u][1]] * self.units[u][0]]
       batch = jnp.concatenate([jnp.pad(parts[u], ((0, 0), (0, top - self.units[u][1]), (0, 0)))
                                for u in members])
-      if redraw is not None:
-        flag, key = redraw
+      if key is not None:
         valid = lax.broadcasted_iota(jnp.int32, batch.shape, 1) < jnp.asarray(
             np.reshape(heights, (-1, 1, 1)), jnp.int32)
         drawn = jax.random.normal(jax.random.fold_in(key, b), batch.shape, batch.dtype)
-        batch = jnp.where(flag, jnp.where(valid, drawn, 0), batch)
+        batch = jnp.where(valid, drawn, 0)
       done = orthogonalize(batch, epsilon, heights)
       start = 0
       for u in members:
@@ -204,13 +203,13 @@ class _Layout:
                            _Padded([(len(self.units[u][0]), self.units[u][2])
                                     for u in units], r)))
 
-  def orthogonalize(self, parts, side, epsilon, redraw=None):
-    """Per unit ``(count, rows, r)`` arrays, every matrix orthonormalized; ``side`` 1
-    for Ps (``n`` rows), 2 for Qs (``m`` rows)."""
+  def orthogonalize(self, parts, side, epsilon, key=None):
+    """Per unit ``(count, rows, r)`` arrays, every matrix orthonormalized (random normal
+    ones first with a ``key``); ``side`` 1 for Ps (``n`` rows), 2 for Qs (``m`` rows)."""
     out = [None] * len(parts)
     for b, (units, *padded) in enumerate(self.by_rank):
-      key = None if redraw is None else (redraw[0], jax.random.fold_in(redraw[1], b))
-      done = padded[side - 1].orthogonalize([parts[u] for u in units], epsilon, key)
+      done = padded[side - 1].orthogonalize(
+          [parts[u] for u in units], epsilon, None if key is None else jax.random.fold_in(key, b))
       for u, x in zip(units, done):
         out[u] = x
     return out
@@ -346,10 +345,10 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         mats = [mat.astype(jnp.float32) / shared for mat in mats]
       work = jnp.float32 if half else dtype
       # Warm start begins from the Qs drawn at init; without it, fresh ones every step.
-      redraw = None if warm_start else (True, jax.random.fold_in(
-          jax.random.wrap_key_data(state.key), state.iter))
+      key = None if warm_start else jax.random.fold_in(
+          jax.random.wrap_key_data(state.key), state.iter)
       qs = [q.astype(work) for q in layout.orthogonalize(
-          layout.to_units(state.qs), 2, orthogonalization_epsilon, redraw)]
+          layout.to_units(state.qs), 2, orthogonalization_epsilon, key)]
       ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
       if half:  # |M q| <= sqrt(m) per replica, N replicas
         ps = [p / (ctx.axis_size * math.sqrt(u[2])) for p, u in zip(ps, layout.units)]
