@@ -21,7 +21,7 @@ from jax.extend.core import jaxpr_as_fun
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddp_jax import _axes, _compile, _faults
+from ddp_jax import _axes, _compile, _faults, _phase
 from ddp_jax._plan import path_str
 from ddp_jax._replica import place, state_specs
 
@@ -34,7 +34,8 @@ class DataParallelStep:
   """A jitted ``shard_map`` of a per-replica step over one mesh axis (see
   :func:`data_parallel`). Call it like the step; :meth:`specs` shows the specs it
   uses for given arguments and :meth:`lower` lowers it (for
-  :func:`ddp_jax.inspect.collectives`)."""
+  :func:`ddp_jax.inspect.collectives`); ``last_program`` says whether the last call
+  ran the warm-up program (hooks before their ``start_iter``) or the full one."""
 
   def __init__(self, step_fn: Callable, mesh: jax.sharding.Mesh, axis_name,
                batch_argnums: tuple[int, ...], out_specs, donate_argnums: tuple[int, ...]):
@@ -44,11 +45,20 @@ class DataParallelStep:
     self.batch_argnums = batch_argnums
     self.out_specs = out_specs
     self.donate_argnums = donate_argnums
-    self._built: dict = {}
-    self._fingerprints: dict = {}  # build key -> the syncs' fingerprints, from tracing
+    self._built: dict = {}  # key -> (in_specs, out_specs, jitted)
+    self._probed: dict = {}  # key -> out_specs, read from the probe
+    self._fingerprints: dict = {}  # key -> the syncs' fingerprints, from tracing
     self._agreed: set = set()
-    self._bodies: dict = {}  # build key -> (jaxpr, out tree) of the step, from the probe
-    self._compiled: dict = {}  # build key -> executable shared across processes
+    self._bodies: dict = {}  # key -> (jaxpr, out tree) of the step, from the probe
+    self._compiled: dict = {}  # key -> executable shared across processes
+    # Warm-up programs (see ``_phase``): warm-up key -> (first start_iter, syncs per call)
+    # or None; key -> (bound on the hooks' iteration, the iter arrays it holds for).
+    self._phases: dict = {}
+    self._bound: dict = {}
+    self._switched: set = set()  # keys that run the full program from now on
+    self._switches: dict = {}  # key -> whether its probe saw a hook that switches
+    self._marked: set = set()  # keys whose outputs carry warm-up marks (cleared on return)
+    self.last_program: str | None = None  # "warm-up" or "full": what the last call ran
 
   def __repr__(self) -> str:
     name = getattr(self.step_fn, "__name__", repr(self.step_fn))
@@ -74,9 +84,15 @@ class DataParallelStep:
     axis = self.axis_name
 
     def probe(*local_args):
-      with _faults.collecting() as records:
+      with _faults.collecting() as records, _phase.recording() as starts:
         closed, shapes = jax.make_jaxpr(self.step_fn, return_shape=True)(*local_args)
       self._fingerprints[key] = records
+      # Where the step's hooks switch, if a warm-up program can be exact: a sync's update
+      # moves each bucket's iteration by one, so a call moves any by at most the syncs
+      # traced (each bucket's switch is one of ``starts``).
+      ok = starts and not _phase.in_loop(closed.jaxpr)
+      self._phases[key] = (min(starts), len(records) or len(starts)) if ok else None
+      self._switches[key] = bool(starts)
       out_tree = jax.tree.structure(shapes)
       seen["body"] = (closed, out_tree)
       out = jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(local_args)))
@@ -117,8 +133,12 @@ class DataParallelStep:
     if key not in self._built:
       in_specs = self._in_specs(args)
       self._check_shapes(args, in_specs)
-      out_specs = (self._out_specs(args, in_specs, key) if self.out_specs is None
-                   else self.out_specs)
+      if self.out_specs is not None:
+        out_specs = self.out_specs
+      elif key not in self._probed:
+        out_specs = self._probed[key] = self._out_specs(args, in_specs, key)
+      else:
+        out_specs = self._probed[key]
 
       def traced(*local_args, key=key):
         if key in self._bodies:  # replay the probe's trace
@@ -134,6 +154,41 @@ class DataParallelStep:
       self._built[key] = (in_specs, out_specs,
                           jax.jit(fn, donate_argnums=self.donate_argnums))
     return self._built[key]
+
+  def _warm(self, args, key):
+    """The arguments and key of the warm-up program, if this call may run it: every hook
+    state's iteration, plus the syncs one call runs, stays at or below the first
+    ``start_iter`` (see ``_phase``); else None."""
+    if self.out_specs is not None or not _phase.enabled() or key in self._switched:
+      return None
+    iters = _phase.iterations(args)
+    if not iters:  # no hook state counts iterations: nothing switches
+      self._switched.add(key)
+      return None
+    warm_args = _phase.mark(args)
+    warm_key = self._key(warm_args)
+    if warm_key not in self._probed:  # the warm-up trace finds the switches
+      self._build(warm_args, warm_key)
+      self._marked.add(warm_key)
+      if not self._switches[warm_key] and key not in self._probed:  # the same program
+        for seen in (self._probed, self._bodies, self._fingerprints):
+          seen[key] = seen[warm_key]
+        self._marked.add(key)
+    phases = self._phases.get(warm_key)
+    if phases is None:
+      self._switched.add(key)
+      return None
+    start, per_call = phases
+    bound, last = self._bound.get(key, (None, ()))
+    chained = (bound is not None and len(iters) == len(last)
+               and all(a is b for a, b in zip(iters, last)))
+    if not chained or bound + per_call > start:  # read it (waits for the last step)
+      bound = _phase.largest(iters)
+    if bound + per_call > start:  # the full program from now on (it is always exact)
+      self._switched.add(key)
+      return None
+    self._bound[key] = (bound + per_call, ())
+    return warm_args, warm_key
 
   def specs(self, *args) -> tuple[Any, Any]:
     """``(in_specs, out_specs)`` this step uses for ``args``."""
@@ -163,29 +218,42 @@ class DataParallelStep:
 
   def __call__(self, *args):
     key = self._key(args)  # once per call: it walks every leaf
-    in_specs, _, fn = self._build(args, key)
-    placed = self._placed(args, in_specs)
-    if key not in self._agreed:  # host-side checks, once per program
-      if key not in self._fingerprints:
+    warm = self._warm(args, key)
+    call_args, call_key = warm or (args, key)
+    in_specs, _, fn = self._build(call_args, call_key)
+    placed = self._placed(call_args, in_specs)
+    if call_key not in self._agreed:  # host-side checks, once per program
+      if call_key not in self._fingerprints:
         fn.trace(*placed)
-      records = self._fingerprints.get(key, [])
+      records = self._fingerprints.get(call_key, [])
       # A restored hook state made by another hook or layout (orbax, hand-built trees).
       from ddp_jax._sync import SyncState, check_state_tags
       states = [x for x in jax.tree.leaves(args, is_leaf=lambda x: isinstance(x, SyncState))
                 if isinstance(x, SyncState)]
       check_state_tags(states, records)
-      # Before the first collective of a new program: every process runs the same syncs.
-      _faults.agree("data_parallel", records)
-      self._agreed.add(key)
+      # Before the first collective of a new program: every process runs the same syncs
+      # (and the same program: warm-up or full).
+      _faults.agree("data_parallel", records + [{"warm-up program": warm is not None}])
+      self._agreed.add(call_key)
       if jax.process_count() > 1 and _compile.enabled():
         # One compile for all processes (process 0's, loaded by the others).
-        self._compiled[key] = _compile.compile_shared(
+        self._compiled[call_key] = _compile.compile_shared(
             fn.lower(*placed), list(self.mesh.devices.flat), "data_parallel")
-    compiled = self._compiled.get(key)
-    return (compiled or fn)(*placed)
+    compiled = self._compiled.get(call_key)
+    out = (compiled or fn)(*placed)
+    self.last_program = "warm-up" if warm else "full"
+    if call_key in self._marked:
+      out = _phase.mark(out, False)
+    if warm:  # the next call's bound holds for the states this one returns
+      self._bound[key] = (self._bound[key][0], tuple(_phase.iterations(out)))
+    return out
 
-  def lower(self, *args):
-    """The jitted step lowered for ``args`` (``.compile()``, ``.as_text()``)."""
+  def lower(self, *args, warm_up: bool = False):
+    """The jitted step lowered for ``args`` (``.compile()``, ``.as_text()``): the full
+    program, or with ``warm_up=True`` the one run while no hook can reach its
+    ``start_iter`` yet (the same when no hook switches)."""
+    if warm_up:
+      args = _phase.mark(args)
     in_specs, _, fn = self._build(args)
     return fn.lower(*self._placed(args, in_specs))
 

@@ -58,10 +58,15 @@ class SyncState:
   stats: SyncStats
   signature: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   tag: Any = None  # int32[buckets]: which hook, configured how, made each bucket state
+  # Static: set on the state data_parallel hands to its warm-up program (see ``_phase``);
+  # part of the input's structure, so every jit cache keys on it. Updates keep it (a
+  # cond's branches return the same structure); data_parallel clears it on the result.
+  warm_up: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 jax.tree_util.register_dataclass(
-    SyncState, data_fields=["hook_states", "stats", "tag"], meta_fields=["signature"])
+    SyncState, data_fields=["hook_states", "stats", "tag"],
+    meta_fields=["signature", "warm_up"])
 _replica.register_per_replica(SyncState, ("hook_states",))
 _replica.COMMUNICATING.add(SyncState)
 _replica.RESIZABLE.add(SyncState)
@@ -575,7 +580,7 @@ def _transformation(config: SyncConfig):
     ctx = HookContext(axis_name, size, flag,
                       None if total is None else jnp.maximum(total, 1),
                       None if config.gradient_predivide_factor is None
-                      else float(config.gradient_predivide_factor), weight)
+                      else float(config.gradient_predivide_factor), weight, state.warm_up)
     out = list(original)
     never = None  # the previous bucket's result, read (see _after)
     done = []  # per bucket: (spec, bucket, old local state, new local state, result)
@@ -618,7 +623,7 @@ def _transformation(config: SyncConfig):
     stats = _stats(plan, hook, size, state.stats.steps + 1, size if count is None else count)
     tag = _checked_tag(state.tag, _tag(plan, hook))
     return (jax.tree_util.tree_unflatten(plan.treedef, out),
-            SyncState(tuple(new_states), stats, state.signature, tag))
+            SyncState(tuple(new_states), stats, state.signature, tag, state.warm_up))
 
   return init_fn, update_fn
 

@@ -31,7 +31,11 @@ def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
   for side in ("torch", "jax", "jax_restart"):
     (run,) = row["runs"][side]
     assert run["construct_s"] > 0 and run["first_iter_s"] > 0, (side, run)
+    assert run["three_iters_s"] > run["first_iter_s"], (side, run)
   assert row["runs"]["jax"][0]["compile_s"] > 0  # a first start compiles
+  # ... the warm-up program first, the compressing one on the 3rd iteration
+  assert row["runs"]["jax"][0]["compile3_s"] > row["runs"]["jax"][0]["compile_s"]
   assert row["runs"]["jax_restart"][0]["compile_s"] < row["runs"]["jax"][0]["compile_s"]
   table = (tmp_path / "peer_mlp_2x2m_2proc.md").read_text()
   assert "| powersgd | sync cost per step |" in table and "x |" in table, table
+  assert "| powersgd | construct + 3 iterations (the 3rd compresses) |" in table, table

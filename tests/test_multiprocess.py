@@ -95,6 +95,18 @@ def test_two_processes_train_identically():
 
 
 @pytest.mark.multiprocess
+def test_two_processes_switch_from_the_warmup_program_together():
+  proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT), "warmup")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert len(results) == 2
+  for r in results:
+    # calls 1-2 run the warm-up program; the full one from call 3
+    assert r["programs"] == ["warm-up"] * 2 + ["full"] * 3
+    assert r["warm"] == r["full"]  # bit for bit: the same numbers as the full program
+  assert results[0]["warm"] == results[1]["warm"]
+
+
+@pytest.mark.multiprocess
 def test_failing_rank_stops_the_others_promptly():
   t0 = time.perf_counter()
   proc, _ = launch("--nproc-per-node", "2", "--grace-s", "2", str(SCRIPT), "fail", timeout=60)

@@ -44,6 +44,9 @@ class HookContext(NamedTuple):
     weight: this replica's weight (int32 scalar: 1 or 0 for a bool flag) when
       the step was given ``participating=``, else None; for hooks that average
       over part of the axis themselves.
+    warm_up: static; True in a warm-up program of :func:`~ddp_jax.data_parallel`,
+      run only while every hook's iteration is below its ``start_iter``: a hook
+      that switches there (``ddp_jax._phase.until``) takes its first branch alone.
   """
 
   axis_name: Any
@@ -52,6 +55,7 @@ class HookContext(NamedTuple):
   num_participating: Any = None
   predivide_factor: float | None = None
   weight: Any = None
+  warm_up: bool = False
 
   @property
   def divisor(self):

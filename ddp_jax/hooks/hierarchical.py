@@ -63,7 +63,8 @@ def hierarchical(hook: CommHook, *, node_axis: str = "node", local_axis: str = "
     chunk = sub.shapes[0][0]
     x = jnp.pad(bucket.buffer(), (0, chunk * local_size - bucket.size))
     shard = lax.psum_scatter(x, local_axis, scatter_dimension=0, tiled=True) / local_size
-    inner_ctx = HookContext(node_axis, nodes, predivide_factor=ctx.predivide_factor)
+    inner_ctx = HookContext(node_axis, nodes, predivide_factor=ctx.predivide_factor,
+                            warm_up=ctx.warm_up)
     inner_bucket = GradBucket(sub, [shard], ((0,),))
     reduced, state = hook.update(inner_bucket, state, inner_ctx)
     (reduced,) = to_leaves(reduced, inner_bucket)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ddp_jax import _pack
+from ddp_jax import _pack, _phase
 from ddp_jax._validate import check_int
 from ddp_jax.hooks import _feedback
 from ddp_jax.hooks._collectives import as_varying, divide
@@ -381,9 +381,10 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
-    return lax.cond(state.iter < start_iter,
-                    lambda s: _varying_state(vanilla_step(bucket, s, ctx), ctx),
-                    lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state)
+    return _phase.until(state.iter, start_iter,
+                        lambda s: _varying_state(vanilla_step(bucket, s, ctx), ctx),
+                        lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state,
+                        ctx.warm_up)
 
   def wire_fn(spec, world):
     layout = _Layout(spec, rank, min_compression_rate, batch_tensors_with_same_shape)
@@ -433,11 +434,11 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
     bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
-    return lax.cond(
-        state.iter < start_iter,
+    return _phase.until(
+        state.iter, start_iter,
         lambda s: _varying_state((_allreduce_mean(bucket.buffer(), ctx),
                                   s._replace(iter=s.iter + 1)), ctx),
-        lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state)
+        lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state, ctx.warm_up)
 
   def wire_fn(spec, world):
     side = side_of(spec.size)

@@ -77,6 +77,39 @@ elif mode == "train":
   diff = max(float(np.abs(np.asarray(p[k].addressable_data(0)) - ref[k]).max()) for k in ref)
   print("RESULT " + json.dumps({"rank": info["process_id"], "w_sum": float(w.sum()),
                                 "w00": float(w[0, 0]), "diff_vs_one_device": diff}))
+elif mode == "warmup":
+  # PowerSGD switching at start_iter through data_parallel: the warm-up program until
+  # then, the full one after, on every process at the same call; the same numbers as the
+  # full program all along (DDP_JAX_WARMUP_PROGRAM=0).
+  import os
+  rng = np.random.default_rng(0)
+  params0 = {"w": rng.standard_normal((16, 12)).astype(np.float32),
+             "b": rng.standard_normal((12,)).astype(np.float32)}
+  tx = optax.chain(ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.powersgd(
+      rank=2, start_iter=2, min_compression_rate=1)), optax.sgd(0.1))
+
+  def loss(p, x):
+    return jnp.mean(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+  def step(p, s, x):
+    u, s = tx.update(ddp_jax.grad(loss, "data")(p, x), s, p)
+    return optax.apply_updates(p, u), s
+
+  runs = {}
+  for setting in ("1", "0"):
+    os.environ["DDP_JAX_WARMUP_PROGRAM"] = setting
+    fn = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
+    p = ddp_jax.broadcast_from_process0(params0, mesh)
+    state = ddp_jax.init_state(tx, p, mesh, "data")
+    programs = []
+    for t in range(5):
+      full = np.random.default_rng(t).standard_normal((64, 16)).astype(np.float32)
+      p, state = fn(p, state, ddp_jax.global_batch(full[ddp_jax.shard_indices(64)], mesh))
+      programs.append(fn.last_program)
+    runs[setting] = ({k: np.asarray(v.addressable_data(0)).tolist() for k, v in p.items()},
+                     programs)
+  print("RESULT " + json.dumps({"rank": info["process_id"], "warm": runs["1"][0],
+                                "full": runs["0"][0], "programs": runs["1"][1]}))
 elif mode == "hier":
   # node = process: each process's devices form one row of the ("node", "local") mesh.
   devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
