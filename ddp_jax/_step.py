@@ -281,7 +281,10 @@ def data_parallel(step_fn: Callable, mesh: jax.sharding.Mesh, axis_name="data", 
   optimizer state, read from their ``shard_map`` types. Host arrays are placed
   on the mesh (a global batch on every process, in multi-process runs; or build
   it with :func:`ddp_jax.global_batch`). The explicit route (``shard_map`` with
-  :func:`~ddp_jax.state_specs`) stays available for anything else.
+  :func:`~ddp_jax.state_specs`) stays available for anything else. Hooks that switch
+  at an iteration (PowerSGD's ``start_iter``) run a *warm-up program* without the
+  later branch until a call could reach it, then the full program (exact; see
+  *Warm-up programs* in the docs; ``DDP_JAX_WARMUP_PROGRAM=0`` turns it off).
 
   Args:
     step_fn: ``step_fn(*args) -> outputs``, per replica.
