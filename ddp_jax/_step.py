@@ -57,7 +57,7 @@ class DataParallelStep:
     self._bound: dict = {}
     self._switched: set = set()  # keys that run the full program from now on
     self._switches: dict = {}  # key -> whether its probe saw a hook that switches
-    self._marked: set = set()  # keys whose outputs carry warm-up marks (cleared on return)
+    self._marked: set = set()  # full programs replaying a warm-up trace (no switch in it)
     self.last_program: str | None = None  # "warm-up" or "full": what the last call ran
 
   def __repr__(self) -> str:
@@ -169,7 +169,6 @@ class DataParallelStep:
     warm_key = self._key(warm_args)
     if warm_key not in self._probed:  # the warm-up trace finds the switches
       self._build(warm_args, warm_key)
-      self._marked.add(warm_key)
       if not self._switches[warm_key] and key not in self._probed:  # the same program
         for seen in (self._probed, self._bodies, self._fingerprints):
           seen[key] = seen[warm_key]
@@ -242,7 +241,7 @@ class DataParallelStep:
     compiled = self._compiled.get(call_key)
     out = (compiled or fn)(*placed)
     self.last_program = "warm-up" if warm else "full"
-    if call_key in self._marked:
+    if warm or call_key in self._marked:  # its outputs carry the marks of its inputs
       out = _phase.mark(out, False)
     if warm:  # the next call's bound holds for the states this one returns
       self._bound[key] = (self._bound[key][0], tuple(_phase.iterations(out)))

@@ -2,6 +2,8 @@
 PowerSGD's compression until ``start_iter`` could be reached, then the full program, with
 the same numbers as the full program all along."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +187,38 @@ def test_accumulated_steps_switch_by_their_syncs(monkeypatch, mesh):
   assert programs == ["warm-up"] * 2 + ["full"] * 5
   full, _, _ = train(monkeypatch, mesh, tx, plain_step(tx), "0", calls=7)
   assert_same(warm, full)
+
+
+def test_large_leaves_all_reduced_unraveled_in_warmup(monkeypatch, mesh):
+  # A bucket of few large leaves (mean >= 4 MiB) is not raveled in the warm-up program
+  # (the default hook's all-reduce: per the pack mode, here one operand per leaf); the
+  # numbers stay those of the full program.
+  tx = make_tx(ddp_jax.hooks.powersgd(rank=1, start_iter=2, min_compression_rate=1),
+               pack="variadic")
+  big = {"u": np.full((2200, 1024), 1e-3, np.float32), "v": np.full((1024, 4), 1e-3, np.float32)}
+
+  def loss(w, x, y):
+    return jnp.mean((x[:, :1] * jnp.sum(w["u"], 0)[None, :4] @ w["v"][:4] - y) ** 2)
+
+  def step(w, s, x, y):
+    u, s = tx.update(ddp_jax.grad(loss, "data")(w, x, y), s, w)
+    return optax.apply_updates(w, u), s
+
+  runs = {}
+  for setting in ("1", "0"):
+    monkeypatch.setenv("DDP_JAX_WARMUP_PROGRAM", setting)
+    fn = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=(2, 3))
+    w = ddp_jax.broadcast_from_process0(big, mesh)
+    s = ddp_jax.init_state(tx, w, mesh, "data")
+    if setting == "1":  # lowered before the first call (its outputs came back marked once)
+      hlo = fn.lower(w, s, *batch(0), warm_up=True).as_text()
+      raveled = re.compile(r"concatenate .*xf32>\) -> tensor<\d+xf32>")
+      assert not raveled.search(hlo)  # nothing raveled
+      assert raveled.search(fn.lower(w, s, *batch(0)).as_text())  # the full program's
+    seen = []
+    for t in range(4):
+      w, s = fn(w, s, *batch(t))
+      seen.append((fn.last_program, jax.tree.map(np.asarray, w)))
+    runs[setting] = seen
+  assert [p for p, _ in runs["1"]] == ["warm-up"] * 2 + ["full"] * 2
+  assert_same([w for _, w in runs["1"]], [w for _, w in runs["0"]])
