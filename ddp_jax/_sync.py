@@ -302,14 +302,11 @@ def _all_finite(leaves) -> jax.Array:
 
 
 def _bucket_finite(bucket) -> jax.Array:
-  # What the hook packed: the raveled bucket (one check), else the collective's operands
-  # (small leaves raveled together: a check per operand, not per leaf), else the leaves.
-  for packed in ("_buffer", "_operands"):
-    if packed in vars(bucket):
-      try:
-        return _all_finite(jax.tree.leaves(getattr(bucket, packed)))
-      except jax.errors.UnexpectedTracerError:  # packed inside a cond or loop of its own
-        pass
+  if "_buffer" in vars(bucket):  # the hook raveled the bucket: check that, once
+    try:
+      return _all_finite([bucket.buffer()])
+    except jax.errors.UnexpectedTracerError:  # raveled inside a cond or loop of its own
+      pass
   return _all_finite(bucket.leaves)
 
 

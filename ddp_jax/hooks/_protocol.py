@@ -209,16 +209,11 @@ class GradBucket:
     """The bucket raveled into one 1-D array (computed once)."""
     return self._buffer
 
-  @functools.cached_property
-  def _operands(self) -> tuple[jax.Array, ...]:
+  def operands(self) -> tuple[jax.Array, ...]:
+    """The arrays to hand to an elementwise collective, per the pack mode."""
     if len(self.groups) == 1 and len(self.groups[0]) > 1:
       return (self.buffer(),)
     return _pack.to_operands(self.leaves, self.groups)
-
-  def operands(self) -> tuple[jax.Array, ...]:
-    """The arrays to hand to an elementwise collective, per the pack mode (computed
-    once)."""
-    return self._operands
 
   def replace(self, leaves, dtype=None) -> GradBucket:
     """The same bucket holding other leaves (e.g. a half-precision copy)."""
