@@ -12,6 +12,7 @@ weights to OUT.npz. The jobs run one after the other in one set of ranks.
 import argparse
 import os
 import socket
+import sys
 
 import numpy as np
 
@@ -53,7 +54,12 @@ def run(rank, args, port):
   dist.init_process_group("gloo", rank=rank, world_size=args.world)
   for job in args.job:
     train(rank, args.world, *job)
-  dist.destroy_process_group()
+  dist.barrier()  # every rank done (rank 0 wrote the results)
+  # gloo's teardown sometimes aborts a rank after the fp16 hook ("terminate called without
+  # an active exception": seen in CI and in benchmarks/bench_peer.py): skip it.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 def main():
