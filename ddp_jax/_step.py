@@ -51,12 +51,12 @@ class DataParallelStep:
     self._agreed: set = set()
     self._bodies: dict = {}  # key -> (jaxpr, out tree) of the step, from the probe
     self._compiled: dict = {}  # key -> executable shared across processes
-    # Warm-up programs (see ``_phase``): warm-up key -> (first start_iter, syncs per call)
-    # or None; key -> (bound on the hooks' iteration, the iter arrays it holds for).
+    # Warm-up programs (see ``_phase``): key -> None (no hook switches) or (first
+    # start_iter, syncs per call; None when unbounded); key -> (bound on the hooks'
+    # iteration, the iter arrays it holds for).
     self._phases: dict = {}
     self._bound: dict = {}
     self._switched: set = set()  # keys that run the full program from now on
-    self._switches: dict = {}  # key -> whether its probe saw a hook that switches
     self._marked: set = set()  # full programs replaying a warm-up trace (no switch in it)
     self.last_program: str | None = None  # "warm-up" or "full": what the last call ran
 
@@ -90,9 +90,8 @@ class DataParallelStep:
       # Where the step's hooks switch, if a warm-up program can be exact: a sync's update
       # moves each bucket's iteration by one, so a call moves any by at most the syncs
       # traced (each bucket's switch is one of ``starts``).
-      ok = starts and not _phase.in_loop(closed.jaxpr)
-      self._phases[key] = (min(starts), len(records) or len(starts)) if ok else None
-      self._switches[key] = bool(starts)
+      per_call = None if _phase.in_loop(closed.jaxpr) else len(records) or len(starts)
+      self._phases[key] = (min(starts), per_call) if starts else None
       out_tree = jax.tree.structure(shapes)
       seen["body"] = (closed, out_tree)
       out = jax.tree.unflatten(out_tree, jaxpr_as_fun(closed)(*jax.tree.leaves(local_args)))
@@ -169,15 +168,14 @@ class DataParallelStep:
     warm_key = self._key(warm_args)
     if warm_key not in self._probed:  # the warm-up trace finds the switches
       self._build(warm_args, warm_key)
-      if not self._switches[warm_key] and key not in self._probed:  # the same program
+      if self._phases[warm_key] is None and key not in self._probed:  # the same program
         for seen in (self._probed, self._bodies, self._fingerprints):
           seen[key] = seen[warm_key]
         self._marked.add(key)
-    phases = self._phases.get(warm_key)
-    if phases is None:
+    start, per_call = self._phases.get(warm_key) or (None, None)
+    if per_call is None:  # nothing switches, or unbounded updates per call (a loop)
       self._switched.add(key)
       return None
-    start, per_call = phases
     bound, last = self._bound.get(key, (None, ()))
     chained = (bound is not None and len(iters) == len(last)
                and all(a is b for a, b in zip(iters, last)))

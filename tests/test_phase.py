@@ -222,3 +222,40 @@ def test_large_leaves_all_reduced_unraveled_in_warmup(monkeypatch, mesh):
     runs[setting] = seen
   assert [p for p, _ in runs["1"]] == ["warm-up"] * 2 + ["full"] * 2
   assert_same([w for _, w in runs["1"]], [w for _, w in runs["0"]])
+
+
+def test_nonfinite_warmup_step_does_not_count(monkeypatch, mesh):
+  # A NaN gradient on one replica during warm-up: the hook state stays as it was (its
+  # iteration too), so the switch comes one call later, as in the full program.
+  tx = optax.chain(
+      ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.powersgd(
+          rank=1, start_iter=2, min_compression_rate=1)),
+      optax.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=5))
+
+  def step(w, s, x, y):
+    u, s = tx.update(ddp_jax.grad(loss_fn, "data")(w, x, y), s, w)
+    return optax.apply_updates(w, u), s
+
+  def run(setting):
+    monkeypatch.setenv("DDP_JAX_WARMUP_PROGRAM", setting)
+    fn = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=(2, 3))
+    w = ddp_jax.broadcast_from_process0(params0(), mesh)
+    s = ddp_jax.init_state(tx, w, mesh, "data")
+    seen, programs, iters = [], [], []
+    for t in range(5):
+      x, y = batch(t)
+      if t == 1:
+        x[0, 0] = np.nan  # replica 0's rows only
+      w, s = fn(w, s, x, y)
+      seen.append(jax.tree.map(np.asarray, w))
+      programs.append(fn.last_program)
+      iters.append(_phase.largest(_phase.iterations(s)))
+    return seen, programs, iters
+
+  warm, programs, iters = run("1")
+  assert iters == [1, 1, 2, 3, 4]  # the NaN call did not count
+  assert programs == ["warm-up"] * 3 + ["full"] * 2
+  full, _, iters_full = run("0")
+  assert iters_full == iters
+  assert_same(warm, full)
+  assert all(np.isfinite(w["a"]).all() for w in warm)
