@@ -230,7 +230,8 @@ class DataParallelStep:
       check_state_tags(states, records)
       # Before the first collective of a new program: every process runs the same syncs
       # (and the same program: warm-up or full).
-      _faults.agree("data_parallel", records + [{"warm-up program": warm is not None}])
+      _faults.agree("data_parallel", records + [
+          {"warm-up program (DDP_JAX_WARMUP_PROGRAM)": warm is not None}])
       self._agreed.add(call_key)
       if jax.process_count() > 1 and _compile.enabled():
         # One compile for all processes (process 0's, loaded by the others).

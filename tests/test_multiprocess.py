@@ -107,6 +107,17 @@ def test_two_processes_switch_from_the_warmup_program_together():
 
 
 @pytest.mark.multiprocess
+def test_warmup_setting_differing_between_processes_is_refused():
+  proc, results = launch("--nproc-per-node", "2", "--cpu-devices", "2", str(SCRIPT),
+                         "warmup_mismatch")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert len(results) == 2
+  for r in results:  # both refuse, naming what differs
+    assert r["error"] and "different configuration" in r["error"], r
+    assert "warm-up program" in r["error"], r
+
+
+@pytest.mark.multiprocess
 def test_failing_rank_stops_the_others_promptly():
   t0 = time.perf_counter()
   proc, _ = launch("--nproc-per-node", "2", "--grace-s", "2", str(SCRIPT), "fail", timeout=60)

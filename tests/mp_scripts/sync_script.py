@@ -110,6 +110,28 @@ elif mode == "warmup":
                      programs)
   print("RESULT " + json.dumps({"rank": info["process_id"], "warm": runs["1"][0],
                                 "full": runs["0"][0], "programs": runs["1"][1]}))
+elif mode == "warmup_mismatch":
+  # Process 1 turned warm-up programs off: the configuration check refuses before the
+  # first collective (the programs' collectives would not match).
+  import os
+  os.environ["DDP_JAX_WARMUP_PROGRAM"] = "0" if info["process_id"] == 1 else "1"
+  tx = optax.chain(ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.powersgd(
+      rank=2, start_iter=2, min_compression_rate=1)), optax.sgd(0.1))
+
+  def step(p, s, x):
+    u, s = tx.update(ddp_jax.grad(lambda p, x: jnp.mean((x @ p["w"]) ** 2), "data")(p, x), s, p)
+    return optax.apply_updates(p, u), s
+
+  fn = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
+  p = ddp_jax.broadcast_from_process0({"w": np.ones((16, 12), np.float32)}, mesh)
+  state = ddp_jax.init_state(tx, p, mesh, "data")
+  x = np.ones((64, 16), np.float32)
+  try:
+    fn(p, state, ddp_jax.global_batch(x[ddp_jax.shard_indices(64)], mesh))
+    error = None
+  except ValueError as e:
+    error = str(e)
+  print("RESULT " + json.dumps({"rank": info["process_id"], "error": error}))
 elif mode == "hier":
   # node = process: each process's devices form one row of the ("node", "local") mesh.
   devs = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
