@@ -43,6 +43,9 @@ PACK_MODES = get_args(Pack)
 RAVEL_BELOW_ONE_PROCESS = 64 << 10
 RAVEL_BELOW_MULTI_PROCESS = 1 << 20
 RAVEL_BELOW_MULTI_PROCESS_FAST_HOST = 4 << 20
+# XLA's CPU compiler fuses a concatenate of at most this many operands (its
+# cpu_instruction_fusion kMaxConcatenateArguments); more are copied operand by operand.
+FUSED_CONCAT_MAX = 8
 
 
 def auto_ravel_below() -> int:
@@ -60,9 +63,34 @@ def auto_rule() -> str:
 
 
 def ravel(leaves: Sequence[jax.Array]) -> jax.Array:
-  """Concatenates leaves (of one dtype) into one 1-D buffer."""
+  """Concatenates leaves (of one dtype) into one 1-D buffer.
+
+  A concatenate of at most :data:`FUSED_CONCAT_MAX` operands is fused by XLA, and its
+  fused loop runs over the largest operand once per operand; with operands of unequal
+  sizes (a 94 MB embedding and three 3 KB biases) it took 1.03 s on the CPU against
+  28 ms for a copy. Such lists are built as the largest leaf padded with zeros, the
+  others written into it in place (``dynamic_update_slice``): the same values.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from ddp_jax import _pack
+    >>> _pack.ravel([jnp.ones((2, 3)), jnp.zeros(2)]).tolist()
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+  """
   flat = [jnp.ravel(x) for x in leaves]
-  return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+  if len(flat) == 1:
+    return flat[0]
+  sizes = [x.size for x in flat]
+  total = sum(sizes)
+  if len(flat) > FUSED_CONCAT_MAX or 2 * len(flat) * max(sizes) <= 3 * total:
+    return jnp.concatenate(flat)  # not fused, or no operand much smaller than the largest
+  offsets = [sum(sizes[:i]) for i in range(len(flat))]
+  order = sorted(range(len(flat)), key=lambda i: -sizes[i])
+  big = order[0]
+  out = jnp.pad(flat[big], (offsets[big], total - offsets[big] - sizes[big]))
+  for i in order[1:]:
+    out = jax.lax.dynamic_update_slice(out, flat[i], (offsets[i],))
+  return out
 
 
 def split(buffer: jax.Array, spec: BucketSpec) -> list[jax.Array]:

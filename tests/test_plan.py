@@ -192,6 +192,36 @@ def test_pack_unpack_bit_exact():
       assert x.dtype == y.dtype and x.shape == y.shape
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=11),
+       st.sampled_from([jnp.float32, jnp.bfloat16, jnp.int8]))
+def test_ravel_matches_concatenate(shapes, dtype):
+  """_pack.ravel builds lists of at most 8 leaves of unequal sizes by padding and
+  in-place updates instead of a concatenate: the same values, bit for bit, eagerly and
+  under jit, empty leaves included."""
+  rng = np.random.default_rng(len(shapes))
+  leaves = [jnp.asarray(rng.integers(-100, 100, s)).astype(dtype) for s in shapes]
+  expected = np.concatenate([np.asarray(x).ravel() for x in leaves])
+  for out in (_pack.ravel(leaves), jax.jit(_pack.ravel)(leaves)):
+    assert out.dtype == dtype and out.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("shapes, concatenates", [
+    ([(3000, 64), (64,), (64,), (64,)], 0),   # one large leaf, few small: pad + updates
+    ([(64, 64), (64, 64)], 1),                # equal sizes: one concatenate
+    ([(64,)] * 8 + [(3000, 64)], 1),          # 9 operands: XLA copies them one by one
+])
+def test_ravel_avoids_fused_unequal_concatenate(shapes, concatenates):
+  """A fused concatenate of few unequal operands loops over the largest once per operand
+  (1.03 s against 28 ms for a 94 MB embedding and three biases, see _pack.ravel):
+  such a list compiles without a concatenate."""
+  leaves = [jnp.ones(s, jnp.float32) for s in shapes]
+  hlo = jax.jit(_pack.ravel).lower(leaves).as_text()
+  assert hlo.count("stablehlo.concatenate") == concatenates
+  assert (hlo.count("stablehlo.dynamic_update_slice") > 0) == (concatenates == 0)
+
+
 def test_summary_table():
   text = plan_buckets(tree()).summary()
   assert "bucket  dtype" in text and "['dense']['kernel']" in text
