@@ -284,10 +284,11 @@ _RAVEL_MEAN_LEAF_BELOW = 4 << 20  # bytes
 def _unraveled(bucket, ctx) -> bool:
   """Whether the steps before ``start_iter`` all-reduce ``bucket`` as the default hook
   does (large leaves unraveled) instead of raveling it: in a warm-up program (no
-  compression in it), for a bucket of few large leaves. Raveling GPT-2's and BERT-base's
-  embedding buckets (4 leaves, 94 MB) was most of such a step on XLA:CPU; a bucket of many
-  small leaves stays raveled (one NaN/Inf check of the result, not one per leaf: 500 more
-  kernels and 4.6 s more XLA compile on ResNet-50)."""
+  compression in it), for a bucket of few large leaves: two copies of the bucket saved
+  (GPT-2's and BERT-base's 94 MB embedding buckets). It was most of such a step before
+  ``_pack.ravel`` avoided XLA:CPU's fused concatenate; since then the two measure alike in
+  one process. A bucket of many small leaves stays raveled (one NaN/Inf check of the
+  result, not one per leaf: 500 more kernels and 4.6 s more XLA compile on ResNet-50)."""
   mean_leaf = bucket.size * bucket.dtype.itemsize / len(bucket.leaves)
   return ctx.warm_up and mean_leaf >= _RAVEL_MEAN_LEAF_BELOW
 
