@@ -20,9 +20,8 @@ from ddp_jax import _pack, _phase
 from ddp_jax._validate import check_int
 from ddp_jax.hooks import _feedback
 from ddp_jax.hooks._collectives import as_varying, divide
-from ddp_jax.hooks._protocol import CommHook, EmptyState, check_real, configured
+from ddp_jax.hooks._protocol import CommHook, check_real, configured
 from ddp_jax.hooks._wire import WireCost, allreduce_bytes
-from ddp_jax.hooks.default import allreduce
 
 
 def should_compress(n: int, m: int, rank: int, min_compression_rate: float):
@@ -278,30 +277,6 @@ def _allreduce_mean(x, ctx):
   return divide(lax.psum(x, ctx.axis_name), ctx.divisor)
 
 
-_RAVEL_MEAN_LEAF_BELOW = 4 << 20  # bytes
-
-
-def _unraveled(bucket, ctx) -> bool:
-  """Whether the steps before ``start_iter`` all-reduce ``bucket`` as the default hook
-  does (large leaves unraveled) instead of raveling it: in a warm-up program (no
-  compression in it), for a bucket of few large leaves: two copies of the bucket saved
-  (GPT-2's and BERT-base's 94 MB embedding buckets). It was most of such a step before
-  ``_pack.ravel`` avoided XLA:CPU's fused concatenate; since then the two measure alike in
-  one process. A bucket of many small leaves stays raveled (one NaN/Inf check of the
-  result, not one per leaf: 500 more kernels and 4.6 s more XLA compile on ResNet-50)."""
-  mean_leaf = bucket.size * bucket.dtype.itemsize / len(bucket.leaves)
-  return ctx.warm_up and mean_leaf >= _RAVEL_MEAN_LEAF_BELOW
-
-
-def _warming(bucket, state, ctx, vanilla_step):
-  """The steps before ``start_iter``: ``vanilla_step`` on the bucket raveled once outside
-  the cond (for both branches and the NaN check), or see :func:`_unraveled`."""
-  if _unraveled(bucket, ctx):
-    reduced, _ = allreduce().update(bucket, EmptyState(), ctx)
-    return reduced, state._replace(iter=state.iter + 1)
-  return vanilla_step(bucket, state, ctx)
-
-
 @configured
 def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float = 2,
              use_error_feedback: bool = True, warm_start: bool = True,
@@ -405,10 +380,9 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
     check_real(bucket, "powersgd")
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
-    if not _unraveled(bucket, ctx):
-      bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
+    bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
     return _phase.until(state.iter, start_iter,
-                        lambda s: _varying_state(_warming(bucket, s, ctx, vanilla_step), ctx),
+                        lambda s: _varying_state(vanilla_step(bucket, s, ctx), ctx),
                         lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state,
                         ctx.warm_up)
 
@@ -459,12 +433,11 @@ def batched_powersgd(rank: int = 1, start_iter: int = 1000, use_error_feedback: 
     check_real(bucket, "batched_powersgd")
     if start_iter == 0:
       return compressed_step(bucket, state, ctx)
-    if not _unraveled(bucket, ctx):
-      bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
+    bucket.buffer()  # ravel once, outside the branches (the buffer is cached)
     return _phase.until(
         state.iter, start_iter,
-        lambda s: _varying_state(_warming(bucket, s, ctx, lambda b, s, ctx: (
-            _allreduce_mean(b.buffer(), ctx), s._replace(iter=s.iter + 1))), ctx),
+        lambda s: _varying_state((_allreduce_mean(bucket.buffer(), ctx),
+                                  s._replace(iter=s.iter + 1)), ctx),
         lambda s: _varying_state(compressed_step(bucket, s, ctx), ctx), state, ctx.warm_up)
 
   def wire_fn(spec, world):
