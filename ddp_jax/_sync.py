@@ -383,32 +383,27 @@ def _stats(plan: BucketPlan, hook: CommHook, world: int, steps, participating) -
 _LOGGED: set = set()
 
 
-CHAIN_MODES = ("auto", "0", "1")
-# Backends where "auto" chains the buckets: XLA:GPU's collectives are asynchronous and its
-# latency-hiding scheduler places each bucket's all-reduce between the backward GEMMs.
-CHAIN_BACKENDS = ("gpu",)
+CHAIN_MODES = ("0", "1")
 
 
-def _chained(backend: str | None = None) -> bool:
+def _chained() -> bool:
   """Whether bucket k+1 is sent after bucket k's result (``_after``), read at trace time
-  from ``DDP_JAX_BUCKET_CHAIN``: ``"1"`` chained, ``"0"`` merged (XLA's all-reduce
-  combiner groups the buckets as it likes), ``"auto"`` (default) chained on GPU, merged
-  elsewhere.
+  from ``DDP_JAX_BUCKET_CHAIN``: ``"0"`` (default) merged, XLA's all-reduce combiner
+  groups the buckets as it likes; ``"1"`` chained, one collective group per DDP bucket.
 
-  Why per backend (``benchmarks/bench_overlap_hlo.py``, compiled schedules): on GPU
-  (jax 0.11.2, H100, 8 peers) every variant's all-reduces are asynchronous and start
-  between backward GEMMs, but merged, XLA's combiner groups the gradients from the first
-  layer on and leaves a full 28 MiB group for after the last GEMM (24 x 1024 MLP), where
-  DDP's bucket order leaves its last bucket, 8 MiB. On CPU it did not pay
+  Measured (docs, *Overlap with the backward pass*): on CPU chaining did not pay
   (``benchmarks/bench_overlap.py``: overhead / communication 0.96-0.97 chained vs
   0.98-0.99 merged at 1 Gbit/s; XLA:CPU runs a collective inline on the thread that
-  readied it) and costs 1.28x ``pmean`` in one process with 8 devices."""
-  mode = os.environ.get("DDP_JAX_BUCKET_CHAIN", "auto")
+  readied it; 1.28x ``pmean`` in one process with 8 devices). On GPU
+  (``benchmarks/bench_overlap_hlo.py``, jax 0.11.2, 8 H100s mocked) XLA overlaps either
+  way (asynchronous all-reduces between the backward GEMMs); chained, DDP's bucket order
+  leaves 8 instead of 28 MiB after the last GEMM of a 24 x 1024 MLP, for 1-5 s more
+  compile time and 0.06-0.15 ms more device time a step (ResNet-50, GPT-2 small on one
+  H100): worth it where the link is slow, not measured on several GPUs."""
+  mode = os.environ.get("DDP_JAX_BUCKET_CHAIN", "0")
   if mode not in CHAIN_MODES:
     raise ValueError(
         f"DDP_JAX_BUCKET_CHAIN must be one of {CHAIN_MODES}, got {mode!r}.")
-  if mode == "auto":
-    return (backend or jax.default_backend()) in CHAIN_BACKENDS
   return mode == "1"
 
 
