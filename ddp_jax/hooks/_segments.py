@@ -119,13 +119,15 @@ def segment_spread(values: jax.Array, spec: BucketSpec) -> jax.Array:
   return out.reshape(-1)[:spec.size]
 
 
-def _parts_apart() -> bool:
-  """Whether the per-chunk parts are computed before the scatter that adds them per leaf.
-  XLA:GPU otherwise fuses the chunk reductions into the scatter (``input_scatter_fusion``),
-  whose threads then add into a dozen leaves with atomics: ``sign_compress`` on GPT-2
-  small took 27.3 ms a sync on an H100, 1.7 ms with the parts apart. On CPU the fused
-  form is ~10% faster (ResNet-50: 189-193 vs 213-214 ms), so it is kept there."""
-  return jax.default_backend() != "cpu"
+def _apart(parts: jax.Array) -> jax.Array:
+  """``parts`` computed before the scatter that adds them per leaf, except on CPU
+  (``lax.platform_dependent``: decided for the platform the step is lowered for). XLA:GPU
+  otherwise fuses the chunk reductions into the scatter (``input_scatter_fusion``), whose
+  threads then add into a dozen leaves with atomics: ``sign_compress`` on GPT-2 small took
+  27.3 ms a sync on an H100, 1.7 ms with the parts apart. On CPU the fused form is ~10%
+  faster (ResNet-50: 189-193 vs 213-214 ms), so it is kept there."""
+  return jax.lax.platform_dependent(parts, cpu=lambda p: p,
+                                    default=jax.lax.optimization_barrier)
 
 
 def _segment_reduce(x: jax.Array, spec: BucketSpec, reduce, segment_reduce) -> jax.Array:
@@ -146,9 +148,7 @@ def _segment_reduce(x: jax.Array, spec: BucketSpec, reduce, segment_reduce) -> j
   else:
     parts = reduce(blocks, axis=1)[:, None]
   leaf = _leaf_of_slot(t, len(spec.lengths)).reshape(-1)
-  if _parts_apart():
-    parts = jax.lax.optimization_barrier(parts)
-  return segment_reduce(parts.reshape(-1, *x.shape[1:]), jnp.asarray(leaf),
+  return segment_reduce(_apart(parts).reshape(-1, *x.shape[1:]), jnp.asarray(leaf),
                         len(spec.lengths), indices_are_sorted=True)
 
 
