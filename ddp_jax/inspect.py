@@ -34,6 +34,7 @@ _GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _BUCKET = re.compile(r"ddp_bucket(\d+)")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|[\w\[\]{},:\d]+)\s")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
              "c128": 16}
@@ -83,6 +84,22 @@ def _group_size(line: str) -> int:
   return int(m.group(2)) if m else 0
 
 
+def _start_operands(args: str, types: dict) -> list:
+  """The (dtype, dims) of an async all-reduce's operands: their shapes as printed in the
+  call, or their defining instructions' types. The start's own type is not the sum's:
+  XLA:GPU prints it as an (operands, results) tuple, sometimes with context scalars, which
+  read as twice the bytes and operands."""
+  shapes = []
+  for arg in args.split(")")[0].split(","):
+    inline = _SHAPE.findall(arg)
+    name = arg.strip().split(" ")[-1].lstrip("%")
+    found = inline or _SHAPE.findall(types.get(name, ""))
+    if not found:
+      return []
+    shapes += found
+  return shapes
+
+
 def count_collectives(hlo_text: str) -> dict[str, Counts]:
   """Counts collectives in HLO text (``*-done`` halves of async pairs are skipped)."""
   out: dict[str, Counts] = {}
@@ -90,13 +107,17 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
   edges: dict[str, set] = {}
   branches: set = set()
   where: list = []  # (kind, computation) of each op
+  types: dict[str, str] = {}  # instruction -> its type, in the current computation
   computation = ""
   for line in hlo_text.splitlines():
     line = _COMMENT.sub("", line)
     header = _HEADER.match(line)
     if header and " = " not in line:
-      computation = header.group(1)
+      computation, types = header.group(1), {}
       continue
+    d = _DEF.match(line)
+    if d:
+      types[d.group(1)] = d.group(2)
     edges.setdefault(computation, set()).update(_CALLS.findall(line))
     for group in _BRANCHES.findall(line):
       names = [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
@@ -111,8 +132,12 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
     where.append((kind, computation))
     c = out.setdefault(kind, Counts())
     shapes = _SHAPE.findall(m.group("type"))
+    if kind == "all-reduce" and m.group("start"):
+      shapes = _start_operands(line[m.end():], types) or shapes
+      c.operands += len(shapes)
+    else:
+      c.operands += max(1, len(shapes) if m.group("type").startswith("(") else 1)
     c.ops += 1
-    c.operands += max(1, len(shapes) if m.group("type").startswith("(") else 1)
     nbytes = 0
     for dtype, dims in shapes:
       n = 1

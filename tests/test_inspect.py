@@ -75,6 +75,26 @@ def test_count_from_text():
   assert r["all-gather"].bytes == 96 and r["reduce-scatter"].bytes == 10
 
 
+def test_async_all_reduce_counts_its_operands_not_its_tuple():
+  """XLA:GPU's all-reduce-start has the type (operands, results[, contexts]): bytes and
+  operands come from what it sums (seen as 2x bytes on an H100's compiled step)."""
+  text = """
+ENTRY %main (p: f32[2048,2048], q: f32[2048]) -> f32[2048,2048] {
+  %p = f32[2048,2048]{1,0} parameter(0)
+  %q = f32[2048]{0} parameter(1)
+  %fusion.3 = f32[2048,2048]{1,0} fusion(%p), kind=kLoop, calls=%f
+  %s1 = (f32[2048,2048]{1,0}, f32[2048,2048]{1,0}) all-reduce-start(%fusion.3), channel_id=1
+  %d1 = f32[2048,2048]{1,0} all-reduce-done(%s1)
+  %s2 = ((f32[2048,2048]{1,0}, f32[2048]{0}), (f32[2048,2048]{1,0}, f32[2048]{0}), u32[], u32[]) all-reduce-start(%d1, %q), channel_id=2
+  %s3 = f32[2048]{0} all-reduce-start(f32[2048]{0} %q), channel_id=3
+}
+"""
+  c = count_collectives(text)["all-reduce"]
+  weight, bias = 2048 * 2048 * 4, 2048 * 4
+  assert (c.ops, c.operands, c.bytes) == (3, 4, 2 * weight + 2 * bias)
+  assert c.bytes_by_dtype == {"f32": 2 * weight + 2 * bias}
+
+
 def test_works_on_pmap():
   f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
   r = collectives(f, np.ones((8, 3), np.float32))
