@@ -36,6 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_peer import write_report  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent))
+from ddp_jax import inspect  # noqa: E402
+
 LHS = "--xla_gpu_enable_latency_hiding_scheduler=true"
 FLAG_SETS = {
     "cpu": {"default": ""},
@@ -71,14 +74,14 @@ def _called(line: str) -> list[str]:
   return [m.lstrip("%") for m in re.findall(r"(?:calls|to_apply)=(%?[\w.\-]+)", line)]
 
 
-def _shape_bytes(text: str) -> int:
-  sizes = {"f32": 4, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "f64": 8}
+def _shape_bytes(shapes: list) -> int:
+  """Bytes of ``(dtype, dims)`` pairs as ``ddp_jax.inspect`` reads them from HLO text."""
   total = 0
-  for dtype, dims in re.findall(r"\b(f32|f16|bf16|s32|u32|s8|u8|f64)\[([\d,]*)\]", text):
+  for dtype, dims in shapes:
     n = 1
     for d in filter(None, dims.split(",")):
       n *= int(d)
-    total += n * sizes[dtype]
+    total += n * inspect._itemsize(dtype)
   return total
 
 
@@ -136,16 +139,12 @@ def schedule(text: str) -> list[tuple[str, str, str, int]]:
   return out
 
 
-def _nbytes(line: str, shapes: dict) -> int:
-  """Bytes all-reduced: its operands' shapes (inline in the call, else their defining
-  instructions'; an async start's own shape is an (operands, results) tuple)."""
+def _nbytes(line: str, types: dict) -> int:
+  """Bytes all-reduced: its operands' shapes (an async start's own type is an (operands,
+  results) tuple; ``ddp_jax.inspect`` reads them the same way)."""
   m = _INSTR.match(line)
-  total = 0
-  for arg in m.group(4).split(")")[0].split(","):
-    name = re.search(r"%?([\w.\-]+)\s*$", arg.strip())
-    total += (_shape_bytes(arg) or (_shape_bytes(shapes.get(name.group(1), ""))
-                                   if name else 0))
-  return total
+  return _shape_bytes(inspect._start_operands(m.group(4), types)
+                      or inspect._SHAPE.findall(m.group(2)))
 
 
 def analyze(text: str) -> dict:
