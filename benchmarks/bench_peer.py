@@ -21,7 +21,13 @@ GPT-2's ran out of memory).
   runs its warm-up program for the first two, see *Warm-up programs* in the docs, and
   traces and compiles the compressing program on the 3rd; compile time of all three);
 - **sync cost**: a step minus the same step without communication, timed back to back
-  (DDP: under ``no_sync()``; ddp_jax: ``hooks.noop()``), median over ``--steps``.
+  (DDP: under ``no_sync()``; ddp_jax: ``hooks.noop()``), median over ``--steps``;
+- **raw all-reduce** (``allreduce`` only): the floor under each side's sync, in the same
+  processes: DDP's buckets (``ddp_jax.plan_buckets``: 1 MiB, then 25 MiB caps) as flat
+  f32 buffers all-reduced by the framework's own collective, neither DDP nor ddp_jax
+  (torch: ``dist.all_reduce(async_op=True)`` of every buffer, then wait, as DDP launches
+  them; jax: one jitted ``lax.psum`` of all of them, the variadic all-reduce XLA makes
+  of a step's buckets), median over ``--steps``.
 
 Torch and ddp_jax run as separate ``ddp-jax-run`` launches (1 CPU device per process),
 alternating for ``--rounds`` rounds; ddp_jax twice, with an empty persistent compilation
@@ -54,6 +60,28 @@ def shapes(tree_name):
   import trees
   leaves = jax.tree.leaves(trees.TREES[tree_name]())
   return [tuple(x.shape) for x in leaves]
+
+
+def bucket_sizes(tree_name):
+  """Element counts of DDP's buckets for the tree (f32; reverse order, 1 MiB then 25 MiB)."""
+  import jax
+  import numpy as np
+
+  import ddp_jax
+  tree = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes(tree_name)]
+  return [b.size for b in ddp_jax.plan_buckets(tree).buckets]
+
+
+def median_time(fn, steps, barrier):
+  """Median seconds of ``fn()`` over ``steps`` calls, every process starting together."""
+  import numpy as np
+  times = []
+  for _ in range(steps):
+    barrier()
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
 
 
 def gather_max(values, backend):
@@ -129,7 +157,19 @@ def run_torch(tree_name, hook, steps):
       ddp().backward()
     local.append(time.perf_counter() - t)
   cost = float(np.median(np.asarray(synced) - np.asarray(local)))
-  out = gather_max([construct, first, cost, third], "torch")
+  row = {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost,
+         "three_iters_s": third}
+  if hook == "allreduce":
+    flat = [torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+            for n in bucket_sizes(tree_name)]
+
+    def raw():
+      for work in [dist.all_reduce(t, async_op=True) for t in flat]:
+        work.wait()
+
+    raw()
+    row["raw_allreduce_s"] = median_time(raw, steps, dist.barrier)
+  out = dict(zip(row, gather_max(list(row.values()), "torch")))
   dist.barrier()
   return rank, out
 
@@ -201,7 +241,19 @@ def run_jax(tree_name, hook, steps):
     jax.block_until_ready(step0(p, s0, c))
     local.append(time.perf_counter() - t)
   cost = float(np.median(np.asarray(synced) - np.asarray(local)))
-  return rank, gather_max([construct, first, cost, third, compile_s, compile3_s], "jax")
+  row = {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost,
+         "three_iters_s": third, "compile_s": compile_s, "compile3_s": compile3_s}
+  if hook == "allreduce":
+    sizes = bucket_sizes(tree_name)
+    flat = ddp_jax.global_batch([rng.standard_normal((1, n)).astype(np.float32)
+                                 for n in sizes], mesh)
+    psum = jax.jit(jax.shard_map(lambda *xs: jax.lax.psum(xs, "data"), mesh=mesh,
+                                 in_specs=(P("data"),) * len(sizes),
+                                 out_specs=(P("data"),) * len(sizes)))
+    jax.block_until_ready(psum(*flat))
+    row["raw_allreduce_s"] = median_time(lambda: jax.block_until_ready(psum(*flat)), steps,
+                                         lambda: ddp_jax.verify_replicas({}))
+  return rank, dict(zip(row, gather_max(list(row.values()), "jax")))
 
 
 def write_report(stem, report: dict, lines: list) -> int:
@@ -270,22 +322,23 @@ def main(argv=None) -> int:
         if code.returncode:
           print(code.stdout[-3000:], code.stderr[-2000:])
           return code.returncode
-        construct, first, cost, third, *compile_s = json.loads(tmp.read_text())
+        # ddp_jax's rows also hold the XLA compile time inside the first (three) iteration(s)
+        row = json.loads(tmp.read_text())
         tmp.unlink()
-        row = {"construct_s": construct, "first_iter_s": first, "sync_cost_s": cost,
-               "three_iters_s": third}
-        if compile_s:  # ddp_jax: XLA compile time inside the first (three) iteration(s)
-          row["compile_s"], row["compile3_s"] = compile_s
         rows.setdefault((hook, label), []).append(row)
-        print(f"round {rnd} {hook:9s} {label:11s} construct {construct:6.2f} s  first "
-              f"iteration {first:6.2f} s  sync cost {cost * 1e3:8.1f} ms"
-              + (f"  compile {compile_s[0]:5.2f} s" if compile_s else ""), flush=True)
+        print(f"round {rnd} {hook:9s} {label:11s} construct {row['construct_s']:6.2f} s  first "
+              f"iteration {row['first_iter_s']:6.2f} s  sync cost "
+              f"{row['sync_cost_s'] * 1e3:8.1f} ms"
+              + (f"  raw all-reduce {row['raw_allreduce_s'] * 1e3:8.1f} ms"
+                 if "raw_allreduce_s" in row else "")
+              + (f"  compile {row['compile_s']:5.2f} s" if "compile_s" in row else ""),
+              flush=True)
   shutil.rmtree(cache, ignore_errors=True)
 
   def med(hook, label, key):
     import statistics
-    runs = rows.get((hook, label)) or []
-    return statistics.median(r[key] for r in runs) if runs else float("nan")
+    values = [r[key] for r in rows.get((hook, label)) or [] if key in r]
+    return statistics.median(values) if values else float("nan")
 
   def first(hook, label):
     return med(hook, label, "construct_s") + med(hook, label, "first_iter_s")
@@ -333,11 +386,19 @@ def main(argv=None) -> int:
                    f"{ratio(j_third, t_third)} |")
     lines.append(f"| {hook} | sync cost per step | {ms(t_cost)} | {ms(j_cost)} | "
                  f"{ratio(j_cost, t_cost)} |")
+    t_raw, j_raw = med(hook, "torch", "raw_allreduce_s"), med(hook, "jax", "raw_allreduce_s")
+    if not math.isnan(t_raw + j_raw):
+      lines.append(f"| {hook} | raw all-reduce of DDP's buckets (floor) | {ms(t_raw)} | "
+                   f"{ms(j_raw)} | {ratio(j_raw, t_raw)} |")
+      lines.append(f"| {hook} | sync cost above the floor | {ms(t_cost - t_raw)} | "
+                   f"{ms(j_cost - j_raw)} | {ratio(j_cost - j_raw, t_cost - t_raw)} |")
     report["rows"].append({"hook": hook, "torch_first_s": t_first, "jax_first_s": j_first,
                            "jax_restart_first_s": j_restart, "torch_sync_s": t_cost,
                            "torch_three_iters_s": third(hook, "torch"),
                            "jax_three_iters_s": third(hook, "jax"),
                            "jax_sync_s": j_cost,
+                           **({"torch_raw_allreduce_s": t_raw, "jax_raw_allreduce_s": j_raw}
+                              if not math.isnan(t_raw + j_raw) else {}),
                            "runs": {b: rows.get((hook, b), [])
                                     for b in ("torch", "jax", "jax_restart")}})
   return write_report(stem, report, lines)

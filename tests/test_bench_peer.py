@@ -39,3 +39,20 @@ def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
   table = (tmp_path / "peer_mlp_2x2m_2proc.md").read_text()
   assert "| powersgd | sync cost per step |" in table and "x |" in table, table
   assert "| powersgd | construct + 3 iterations (the 3rd compresses) |" in table, table
+
+
+def test_bench_peer_reports_the_raw_allreduce_floor_of_both_sides(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(BENCH), "--tree", "mlp_2x2m", "--processes", "2", "--hooks",
+       "allreduce", "--steps", "2", "--timeout", "120", "--out", str(tmp_path)],
+      capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((tmp_path / "peer_mlp_2x2m_2proc.json").read_text())
+  (row,) = report["rows"]
+  assert row["torch_raw_allreduce_s"] > 0 and row["jax_raw_allreduce_s"] > 0, row
+  for side in ("torch", "jax"):
+    (run,) = row["runs"][side]
+    assert run["raw_allreduce_s"] > 0, (side, run)
+  table = (tmp_path / "peer_mlp_2x2m_2proc.md").read_text()
+  assert "| allreduce | raw all-reduce of DDP's buckets (floor) |" in table, table
+  assert "| allreduce | sync cost above the floor |" in table, table
