@@ -255,3 +255,77 @@ def test_nonfinite_warmup_step_does_not_count(monkeypatch, mesh):
   assert iters_full == iters
   assert_same(warm, full)
   assert all(np.isfinite(w["a"]).all() for w in warm)
+
+
+def _compiles_during(fn):
+  """How many XLA compiles jax reports on this thread while ``fn()`` runs."""
+  import threading
+  me, seen = threading.get_ident(), []
+
+  def listen(event, secs, **_):
+    if event == "/jax/core/compile/backend_compile_duration" and threading.get_ident() == me:
+      seen.append(secs)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    fn()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return len(seen)
+
+
+@pytest.mark.parametrize("ahead", ["100", "0"])
+def test_full_program_compiles_in_the_background_while_warmup_runs(monkeypatch, mesh, ahead):
+  # With the switch within DDP_JAX_COMPILE_AHEAD calls, the first warm-up call lowers the
+  # full program and compiles it on another thread: the switching call compiles nothing
+  # on its own thread. With 0 the switching call compiles it. Same numbers either way.
+  monkeypatch.setenv("DDP_JAX_COMPILE_AHEAD", ahead)
+  monkeypatch.setenv("DDP_JAX_WARMUP_PROGRAM", "1")
+  hook = ddp_jax.hooks.powersgd(rank=1, start_iter=2, min_compression_rate=1)
+  tx = make_tx(hook)
+  step = ddp_jax.data_parallel(plain_step(tx), mesh, "data", batch_argnums=(2, 3))
+  w = ddp_jax.broadcast_from_process0(params0(), mesh)
+  s = ddp_jax.init_state(tx, w, mesh, "data")
+  seen = []
+  for t in range(2):
+    w, s = step(w, s, *batch(t))
+    seen.append(jax.tree.map(np.asarray, w))
+    assert step.last_program == "warm-up"
+  (job,) = step._ahead.values() if ahead != "0" else (None,)
+  assert (job is None) == (ahead == "0")
+  if job is not None:
+    job.result()  # let it finish: the switch then finds it compiled
+  out = []
+  compiles = _compiles_during(lambda: out.append(step(w, s, *batch(2))))
+  w, s = out[0]
+  seen.append(jax.tree.map(np.asarray, w))
+  assert step.last_program == "full"
+  assert compiles == (0 if ahead != "0" else 1), compiles
+  assert not step._ahead
+  reference, _, _ = train(monkeypatch, mesh, tx, plain_step(tx), "0", calls=3)
+  assert_same(seen, reference)
+
+
+def test_background_compile_waits_for_the_switch_within_its_window(monkeypatch, mesh):
+  # start_iter 6, one sync per call, 2 calls ahead: the compile starts at the call after
+  # which the switch is 2 calls away, not before.
+  monkeypatch.setenv("DDP_JAX_COMPILE_AHEAD", "2")
+  tx = make_tx(ddp_jax.hooks.powersgd(rank=1, start_iter=6, min_compression_rate=1))
+  monkeypatch.setenv("DDP_JAX_WARMUP_PROGRAM", "1")
+  step = ddp_jax.data_parallel(plain_step(tx), mesh, "data", batch_argnums=(2, 3))
+  w = ddp_jax.broadcast_from_process0(params0(), mesh)
+  s = ddp_jax.init_state(tx, w, mesh, "data")
+  started = []
+  for t in range(7):
+    w, s = step(w, s, *batch(t))
+    started.append(bool(step._ahead) or step.last_program == "full")
+  # call t leaves iteration t + 1; call 6 switches: it is 2 calls after call 4, 3 after 3
+  assert started == [False, False, False, False, True, True, True], started
+
+
+def test_background_compile_errors_reach_the_caller():
+  from ddp_jax import _compile
+  job = _compile.Background(lambda: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    job.result()
+  assert _compile.Background(lambda: 42).result() == 42
