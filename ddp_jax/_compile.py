@@ -21,11 +21,9 @@ but keys it by the persistent cache's key, which differs between CPU processes.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import jax
@@ -44,19 +42,6 @@ _state = {"seq": 0, "hits": 0, "listening": False}
 def enabled() -> bool:
   """Whether to share compiles (``DDP_JAX_SHARE_COMPILE=0`` turns it off)."""
   return os.environ.get("DDP_JAX_SHARE_COMPILE", "1") not in ("0", "false", "off")
-
-
-def sharing() -> bool:
-  """Whether this run shares compiles: several processes, a coordination service, and
-  sharing not turned off."""
-  return jax.process_count() > 1 and _faults._client() is not None and enabled()
-
-
-def reserve() -> int:
-  """The next compile slot. Every process reserves its slots in the same order (from the
-  thread that calls its steps), so a compile done on another thread keeps its slot."""
-  _state["seq"] += 1
-  return _state["seq"]
 
 
 def _host_isa() -> str:
@@ -135,18 +120,18 @@ def _compile_fresh(lowered, devices, key: str):
   return compiled, blob
 
 
-def compile_shared(lowered, devices, what: str = "data_parallel", seq: int | None = None):
+def compile_shared(lowered, devices, what: str = "data_parallel"):
   """``lowered.compile()``, done once by process 0 and loaded by the others.
 
-  Collective over processes: each calls it for the same programs in the same order, or
-  passes the slot it took with :func:`reserve` in that order (``seq``).
+  Collective over processes: each calls it for the same programs in the same order.
   ``devices``: the executable's devices in the mesh's order.
   """
   devices = list(devices)
-  if not sharing():
-    return lowered.compile()
   client = _faults._client()
-  slot = f"{_faults._ROOT}/compile/{reserve() if seq is None else seq}"
+  if jax.process_count() == 1 or client is None or not enabled():
+    return lowered.compile()
+  _state["seq"] += 1
+  slot = f"{_faults._ROOT}/compile/{_state['seq']}"
   key = digest(lowered, devices)
   if jax.process_index() == 0:
     client.key_value_set(f"{slot}/digest", key)
@@ -176,46 +161,3 @@ def compile_shared(lowered, devices, what: str = "data_parallel", seq: int | Non
   blob = b"".join(client.blocking_key_value_get_bytes(f"{slot}/exe/{i}", wait_ms)
                   for i in range(n))
   return _load(blob, lowered, devices)
-
-
-# Seconds the interpreter's exit waits for a compile still running in the background.
-EXIT_WAIT_S = 120.0
-_pending: set = set()
-_exit_hook = {"registered": False}
-
-
-class Background:
-  """``fn()`` (a compile) on its own thread; :meth:`result` waits for it and re-raises
-  its error. The interpreter's exit waits for it (up to :data:`EXIT_WAIT_S`) before jax
-  tears its runtime down."""
-
-  def __init__(self, fn):
-    self._out = self._error = None
-    if not _exit_hook["registered"]:  # after jax's own exit hooks, so it runs before them
-      atexit.register(_wait_pending)
-      _exit_hook["registered"] = True
-    self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True,
-                                    name="ddp_jax-compile")
-    _pending.add(self)
-    self._thread.start()
-
-  def _run(self, fn):
-    try:
-      self._out = fn()
-    except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
-      self._error = e
-
-  def done(self) -> bool:
-    return not self._thread.is_alive()
-
-  def result(self):
-    self._thread.join()
-    _pending.discard(self)
-    if self._error is not None:
-      raise self._error
-    return self._out
-
-
-def _wait_pending() -> None:
-  for job in list(_pending):
-    job._thread.join(EXIT_WAIT_S)

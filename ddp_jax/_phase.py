@@ -20,10 +20,6 @@ one its last call returned), plus that bound per call, stays at or below the sma
 ``start_iter``. A step whose :func:`until` sits inside a loop (``lax.scan``, ``while``:
 no bound per call), or whose hook states are not among its arguments, gets the full
 program only. ``DDP_JAX_WARMUP_PROGRAM=0`` turns it off.
-
-The full program is lowered on the calling thread and compiled on a background one from
-the call that brings the switch within :func:`ahead` calls, while warm-up programs keep
-running, so the switch does not wait for its compile (or waits less).
 """
 
 from __future__ import annotations
@@ -48,25 +44,6 @@ _ONCE = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "cond
 def enabled() -> bool:
   """Whether ``data_parallel`` may run warm-up programs (``DDP_JAX_WARMUP_PROGRAM``)."""
   return os.environ.get("DDP_JAX_WARMUP_PROGRAM", "1") not in ("0", "false", "off")
-
-
-def ahead() -> int:
-  """How many calls before the switch ``data_parallel`` starts compiling the full program
-  on a background thread (``DDP_JAX_COMPILE_AHEAD``, default 100; 0: at the switch).
-
-  >>> import os; os.environ["DDP_JAX_COMPILE_AHEAD"] = "many"
-  >>> ahead()
-  Traceback (most recent call last):
-  ...
-  ValueError: DDP_JAX_COMPILE_AHEAD must be a whole number of calls >= 0 (0 compiles the full program at the switch instead of in the background), got 'many'.
-  >>> del os.environ["DDP_JAX_COMPILE_AHEAD"]
-  """
-  value = os.environ.get("DDP_JAX_COMPILE_AHEAD", "100")
-  if not value.strip().isdigit():
-    raise ValueError(
-        "DDP_JAX_COMPILE_AHEAD must be a whole number of calls >= 0 (0 compiles the full "
-        f"program at the switch instead of in the background), got {value!r}.")
-  return int(value)
 
 
 @contextlib.contextmanager

@@ -58,7 +58,6 @@ class DataParallelStep:
     self._bound: dict = {}
     self._switched: set = set()  # keys that run the full program from now on
     self._marked: set = set()  # full programs replaying a warm-up trace (no switch in it)
-    self._ahead: dict = {}  # key -> the full program compiling in the background
     self.last_program: str | None = None  # "warm-up" or "full": what the last call ran
 
   def __repr__(self) -> str:
@@ -188,25 +187,6 @@ class DataParallelStep:
     self._bound[key] = (bound + per_call, ())
     return warm_args, warm_key
 
-  def _compile_ahead(self, args, key, warm_key) -> None:
-    """Starts compiling the full program in the background once the switch is within
-    ``_phase.ahead()`` calls (see ``_phase``). Lowered here, before this call runs (it
-    may donate the arguments), and in the same order on every process."""
-    if key in self._ahead or key in self._compiled:
-      return
-    start, per_call = self._phases[warm_key]
-    if self._bound[key][0] + per_call * _phase.ahead() <= start:
-      return
-    in_specs, _, fn = self._build(args, key)
-    lowered = fn.lower(*self._placed(args, in_specs))
-    devices = list(self.mesh.devices.flat)
-    if _compile.sharing():
-      seq = _compile.reserve()
-      self._ahead[key] = _compile.Background(
-          lambda: _compile.compile_shared(lowered, devices, "data_parallel", seq))
-    else:
-      self._ahead[key] = _compile.Background(lowered.compile)
-
   def specs(self, *args) -> tuple[Any, Any]:
     """``(in_specs, out_specs)`` this step uses for ``args``."""
     in_specs, out_specs, _ = self._build(args)
@@ -239,8 +219,6 @@ class DataParallelStep:
     call_args, call_key = warm or (args, key)
     in_specs, _, fn = self._build(call_args, call_key)
     placed = self._placed(call_args, in_specs)
-    if call_key in self._ahead:  # the full program, compiled while warm-up programs ran
-      self._compiled[call_key] = self._ahead.pop(call_key).result()
     if call_key not in self._agreed:  # host-side checks, once per program
       if call_key not in self._fingerprints:
         fn.trace(*placed)
@@ -253,15 +231,12 @@ class DataParallelStep:
       # Before the first collective of a new program: every process runs the same syncs
       # (and the same program: warm-up or full).
       _faults.agree("data_parallel", records + [
-          {"warm-up program (DDP_JAX_WARMUP_PROGRAM)": warm is not None,
-           "compile ahead (DDP_JAX_COMPILE_AHEAD)": _phase.ahead() if warm else None}])
+          {"warm-up program (DDP_JAX_WARMUP_PROGRAM)": warm is not None}])
       self._agreed.add(call_key)
-      if _compile.sharing() and call_key not in self._compiled:
+      if jax.process_count() > 1 and _compile.enabled():
         # One compile for all processes (process 0's, loaded by the others).
         self._compiled[call_key] = _compile.compile_shared(
             fn.lower(*placed), list(self.mesh.devices.flat), "data_parallel")
-    if warm:
-      self._compile_ahead(args, key, call_key)
     compiled = self._compiled.get(call_key)
     out = (compiled or fn)(*placed)
     self.last_program = "warm-up" if warm else "full"

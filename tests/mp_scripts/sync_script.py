@@ -101,24 +101,20 @@ elif mode == "warmup":
     fn = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
     p = ddp_jax.broadcast_from_process0(params0, mesh)
     state = ddp_jax.init_state(tx, p, mesh, "data")
-    programs, ahead = [], []
+    programs = []
     for t in range(5):
       full = np.random.default_rng(t).standard_normal((64, 16)).astype(np.float32)
       p, state = fn(p, state, ddp_jax.global_batch(full[ddp_jax.shard_indices(64)], mesh))
       programs.append(fn.last_program)
-      ahead.append(bool(fn._ahead))  # the full program compiling in the background
     runs[setting] = ({k: np.asarray(v.addressable_data(0)).tolist() for k, v in p.items()},
-                     programs, ahead)
-  from ddp_jax import _compile
+                     programs)
   print("RESULT " + json.dumps({"rank": info["process_id"], "warm": runs["1"][0],
-                                "full": runs["0"][0], "programs": runs["1"][1],
-                                "ahead": runs["1"][2], "slots": _compile._state["seq"]}))
-elif mode in ("warmup_mismatch", "ahead_mismatch"):
-  # Process 1 turned warm-up programs (or compiling ahead) off: the configuration check
-  # refuses before the first collective (the programs' collectives would not match).
+                                "full": runs["0"][0], "programs": runs["1"][1]}))
+elif mode == "warmup_mismatch":
+  # Process 1 turned warm-up programs off: the configuration check refuses before the
+  # first collective (the programs' collectives would not match).
   import os
-  variable = "DDP_JAX_WARMUP_PROGRAM" if mode == "warmup_mismatch" else "DDP_JAX_COMPILE_AHEAD"
-  os.environ[variable] = "0" if info["process_id"] == 1 else "1"
+  os.environ["DDP_JAX_WARMUP_PROGRAM"] = "0" if info["process_id"] == 1 else "1"
   tx = optax.chain(ddp_jax.sync_gradients("data", hook=ddp_jax.hooks.powersgd(
       rank=2, start_iter=2, min_compression_rate=1)), optax.sgd(0.1))
 
