@@ -18,14 +18,19 @@ pytestmark = [pytest.mark.conformance, pytest.mark.multiprocess]
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peer.py"
 
 
-def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
+def run_bench(tmp_path, hook, steps):
+  """The benchmark on ``mlp_2x2m`` over 2 processes; its JSON report."""
   proc = subprocess.run(
       [sys.executable, str(BENCH), "--tree", "mlp_2x2m", "--processes", "2", "--hooks",
-       "powersgd", "--steps", "1", "--timeout", "120", "--out", str(tmp_path)],
+       hook, "--steps", str(steps), "--timeout", "120", "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "did not finish" not in proc.stdout, proc.stdout
-  report = json.loads((tmp_path / "peer_mlp_2x2m_2proc.json").read_text())
+  return json.loads((tmp_path / "peer_mlp_2x2m_2proc.json").read_text())
+
+
+def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
+  report = run_bench(tmp_path, "powersgd", 1)
   (row,) = report["rows"]
   assert row["hook"] == "powersgd"
   for side in ("torch", "jax", "jax_restart"):
@@ -42,12 +47,7 @@ def test_bench_peer_runs_torch_powersgd_on_two_bucket_shapes(tmp_path):
 
 
 def test_bench_peer_reports_the_raw_allreduce_floor_of_both_sides(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, str(BENCH), "--tree", "mlp_2x2m", "--processes", "2", "--hooks",
-       "allreduce", "--steps", "2", "--timeout", "120", "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=400)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  report = json.loads((tmp_path / "peer_mlp_2x2m_2proc.json").read_text())
+  report = run_bench(tmp_path, "allreduce", 2)
   (row,) = report["rows"]
   assert row["torch_raw_allreduce_s"] > 0 and row["jax_raw_allreduce_s"] > 0, row
   for side in ("torch", "jax"):
