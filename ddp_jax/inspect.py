@@ -84,13 +84,33 @@ def _group_size(line: str) -> int:
   return int(m.group(2)) if m else 0
 
 
+def _top_level(args: str) -> list:
+  """The operands of a call's argument list (``args`` starts after its ``(``): split at
+  the commas outside ``[]``/``{}``/``()``, up to the ``)`` that closes it."""
+  parts, depth, current = [], 0, []
+  for ch in args:
+    if ch in "[{(":
+      depth += 1
+    elif ch in "]})":
+      if depth == 0:
+        break
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append("".join(current))
+      current = []
+      continue
+    current.append(ch)
+  parts.append("".join(current))
+  return parts
+
+
 def _start_operands(args: str, types: dict) -> list:
   """The (dtype, dims) of an async all-reduce's operands: their shapes as printed in the
   call, or their defining instructions' types. The start's own type is not the sum's:
   XLA:GPU prints it as an (operands, results) tuple, sometimes with context scalars, which
   read as twice the bytes and operands."""
   shapes = []
-  for arg in args.split(")")[0].split(","):
+  for arg in _top_level(args):
     inline = _SHAPE.findall(arg)
     name = arg.strip().split(" ")[-1].lstrip("%")
     found = inline or _SHAPE.findall(types.get(name, ""))

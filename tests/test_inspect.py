@@ -87,12 +87,14 @@ ENTRY %main (p: f32[2048,2048], q: f32[2048]) -> f32[2048,2048] {
   %d1 = f32[2048,2048]{1,0} all-reduce-done(%s1)
   %s2 = ((f32[2048,2048]{1,0}, f32[2048]{0}), (f32[2048,2048]{1,0}, f32[2048]{0}), u32[], u32[]) all-reduce-start(%d1, %q), channel_id=2
   %s3 = f32[2048]{0} all-reduce-start(f32[2048]{0} %q), channel_id=3
+  %s4 = ((f32[2048,2048]{1,0}, f32[2048]{0}), (f32[2048,2048]{1,0}, f32[2048]{0})) all-reduce-start(f32[2048,2048]{1,0} %p, f32[2048]{0} %q), channel_id=4
 }
 """
   c = count_collectives(text)["all-reduce"]
   weight, bias = 2048 * 2048 * 4, 2048 * 4
-  assert (c.ops, c.operands, c.bytes) == (3, 4, 2 * weight + 2 * bias)
-  assert c.bytes_by_dtype == {"f32": 2 * weight + 2 * bias}
+  # %s4: operands printed with multi-dimensional shapes (commas inside [] and {})
+  assert (c.ops, c.operands, c.bytes) == (4, 6, 3 * weight + 3 * bias)
+  assert c.bytes_by_dtype == {"f32": 3 * weight + 3 * bias}
 
 
 def test_works_on_pmap():
