@@ -62,13 +62,12 @@ def _instrument(seconds: dict, current: list) -> None:
 
 def child(tree: str, hook_name: str, iters: int, out: str) -> None:
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
+  from jax.experimental import multihost_utils
 
   import ddp_jax
   sys.path.insert(0, str(HERE))
-  from bench_peer import shapes
+  from bench_peer import jax_hook, jax_step, shapes
 
   info = ddp_jax.initialize()
   rank = info["process_id"]
@@ -79,20 +78,11 @@ def child(tree: str, hook_name: str, iters: int, out: str) -> None:
   params = [rng.standard_normal(s).astype(np.float32) for s in shapes(tree)]
   consts = [rng.standard_normal(s).astype(np.float32) for s in shapes(tree)]
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  hook = {"allreduce": ddp_jax.hooks.allreduce(), "fp16": ddp_jax.hooks.fp16_compress(),
-          "powersgd": ddp_jax.hooks.powersgd(rank=4, start_iter=2)}[hook_name]
-  tx = optax.chain(ddp_jax.sync_gradients("data", hook=hook), optax.sgd(0.0))
-
-  def step(p, s, c):
-    g = ddp_jax.grad(lambda p, c: sum(jnp.sum(a * b[0]) for a, b in zip(p, c)), "data")(p, c)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
   c = ddp_jax.global_batch([x[None] for x in consts], mesh)
   ddp_jax.verify_replicas({})
-  total = {}
+  total, programs = {}, {}
   t = time.perf_counter()
-  run = ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2)
+  tx, run = jax_step(jax_hook(hook_name), mesh)
   p = ddp_jax.broadcast_from_process0(params, mesh)
   s = jax.block_until_ready(ddp_jax.init_state(tx, p, mesh, "data"))
   total["construct"] = time.perf_counter() - t
@@ -101,17 +91,18 @@ def child(tree: str, hook_name: str, iters: int, out: str) -> None:
     t = time.perf_counter()
     p, s = jax.block_until_ready(run(p, s, c))
     total[current[0]] = time.perf_counter() - t
-    seconds.setdefault(current[0], dict.fromkeys(PHASES, 0.0))["program"] = run.last_program
-  rows = {name: {"total_s": secs, **{k: v for k, v in seconds.get(name, {}).items()}}
-          for name, secs in total.items()}
-  mine = json.dumps(rows)
-  gathered = jax.experimental.multihost_utils.process_allgather(
-      np.frombuffer(mine.encode().ljust(1 << 14), np.uint8))
+    programs[current[0]] = run.last_program  # the same on every process (agreed)
+  # One row of numbers per iteration, gathered from every process.
+  mine = np.array([[total[name]] + [seconds.get(name, {}).get(k, 0.0) for k in PHASES]
+                   for name in total])
+  everyone = np.asarray(multihost_utils.process_allgather(mine))
   if rank == 0:
-    per_process = [json.loads(bytes(x).rstrip(b" ").decode()) for x in np.asarray(gathered)]
+    per_process = [{name: {"total_s": float(row[0]), **dict(zip(PHASES, map(float, row[1:]))),
+                           **({"program": programs[name]} if name in programs else {})}
+                    for name, row in zip(total, rows)} for rows in everyone[:2]]
     Path(out).write_text(json.dumps({"tree": tree, "hook": hook_name,
-                                     "processes": len(per_process),
-                                     "per_process": per_process[:2]}, indent=1))
+                                     "processes": len(everyone),
+                                     "per_process": per_process}, indent=1))
 
 
 def table(report: dict) -> str:

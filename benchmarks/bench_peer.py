@@ -41,6 +41,7 @@ the heap's peak). Writes benchmarks/out/peer_<tree>_<N>proc.{json,md}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -174,11 +175,33 @@ def run_torch(tree_name, hook, steps):
   return rank, out
 
 
+def jax_hook(name):
+  """The ddp_jax hook each row names (PowerSGD compresses from its 3rd iteration)."""
+  import ddp_jax
+  return {"allreduce": ddp_jax.hooks.allreduce, "fp16": ddp_jax.hooks.fp16_compress,
+          "powersgd": lambda: ddp_jax.hooks.powersgd(rank=4, start_iter=2)}[name]()
+
+
+def jax_step(hook, mesh, out_specs=None):
+  """``(tx, step)``: the benchmark's ``data_parallel`` step with ``hook``, SGD at rate 0
+  (the parameters stay put), the loss ``sum(p * c)`` per leaf."""
+  import jax.numpy as jnp
+  import optax
+
+  import ddp_jax
+  tx = optax.chain(ddp_jax.sync_gradients("data", hook=hook), optax.sgd(0.0))
+
+  def step(p, s, c):
+    g = ddp_jax.grad(lambda p, c: sum(jnp.sum(a * b[0]) for a, b in zip(p, c)), "data")(p, c)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2, out_specs=out_specs)
+
+
 def run_jax(tree_name, hook, steps):
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
   from jax.sharding import PartitionSpec as P
 
   import ddp_jax
@@ -189,19 +212,7 @@ def run_jax(tree_name, hook, steps):
   params = [rng.standard_normal(s).astype(np.float32) for s in shp]
   consts = [rng.standard_normal(s).astype(np.float32) for s in shp]
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  hooks = {"allreduce": ddp_jax.hooks.allreduce(), "fp16": ddp_jax.hooks.fp16_compress(),
-           "powersgd": ddp_jax.hooks.powersgd(rank=4, start_iter=2)}
-
-  def make(h, out_specs=None):
-    tx = optax.chain(ddp_jax.sync_gradients("data", hook=h), optax.sgd(0.0))
-
-    def step(p, s, c):
-      g = ddp_jax.grad(lambda p, c: sum(jnp.sum(a * b[0]) for a, b in zip(p, c)), "data")(p, c)
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    return tx, ddp_jax.data_parallel(step, mesh, "data", batch_argnums=2, out_specs=out_specs)
-
+  make = functools.partial(jax_step, mesh=mesh)
   c = ddp_jax.global_batch([x[None] for x in consts], mesh)
   compiled = []  # XLA's compile time (process 0 compiles, the others load its executable)
   jax.monitoring.register_event_duration_secs_listener(
@@ -209,7 +220,7 @@ def run_jax(tree_name, hook, steps):
       if event == "/jax/core/compile/backend_compile_duration" else None)
   ddp_jax.verify_replicas({})
   t0 = time.perf_counter()
-  tx, step = make(hooks[hook])
+  tx, step = make(jax_hook(hook))
   p = ddp_jax.broadcast_from_process0(params, mesh)
   s = ddp_jax.init_state(tx, p, mesh, "data")
   jax.block_until_ready(s)
@@ -227,7 +238,7 @@ def run_jax(tree_name, hook, steps):
   # come out concatenated (P("data")) and are not fed back.
   tx0, _ = make(ddp_jax.hooks.noop())
   s0 = ddp_jax.init_state(tx0, p, mesh, "data")
-  _, step0 = make(ddp_jax.hooks.noop(), (P("data"), ddp_jax.state_specs(s0, "data")))
+  _, step0 = make(ddp_jax.hooks.noop(), out_specs=(P("data"), ddp_jax.state_specs(s0, "data")))
   jax.block_until_ready(step0(p, s0, c))
   p, s = jax.block_until_ready(step(p, s, c))
   synced, local = [], []
