@@ -76,13 +76,7 @@ def _called(line: str) -> list[str]:
 
 def _shape_bytes(shapes: list) -> int:
   """Bytes of ``(dtype, dims)`` pairs as ``ddp_jax.inspect`` reads them from HLO text."""
-  total = 0
-  for dtype, dims in shapes:
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * inspect._itemsize(dtype)
-  return total
+  return sum(inspect._shape_bytes(dtype, dims) for dtype, dims in shapes)
 
 
 def _opcode(line: str) -> str | None:

@@ -75,6 +75,14 @@ def _itemsize(dtype: str) -> int:
   return max(1, int(bits[0]) // 8) if bits else 1
 
 
+def _shape_bytes(dtype: str, dims: str) -> int:
+  """Bytes of one array type as read from HLO text (``f32``, ``"2048,1000"``)."""
+  n = 1
+  for d in filter(None, dims.split(",")):
+    n *= int(d)
+  return n * _itemsize(dtype)
+
+
 def _group_size(line: str) -> int:
   """Replicas in each replica group of a collective (0 when the line does not say)."""
   m = _GROUPS.search(line)
@@ -160,11 +168,9 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
     c.ops += 1
     nbytes = 0
     for dtype, dims in shapes:
-      n = 1
-      for d in filter(None, dims.split(",")):
-        n *= int(d)
-      nbytes += n * _itemsize(dtype)
-      c.bytes_by_dtype[dtype] = c.bytes_by_dtype.get(dtype, 0) + n * _itemsize(dtype)
+      size = _shape_bytes(dtype, dims)
+      nbytes += size
+      c.bytes_by_dtype[dtype] = c.bytes_by_dtype.get(dtype, 0) + size
     c.bytes += nbytes
     group = _group_size(line)
     c.bytes_by_group_size[group] = c.bytes_by_group_size.get(group, 0) + nbytes
