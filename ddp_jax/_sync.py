@@ -613,14 +613,16 @@ def _transformation(config: SyncConfig):
     # "Received data size doesn't match expected size").
     finite = None
     if any(jax.tree.leaves(s) for s in state.hook_states) and sent:
-      bad = [jnp.logical_not(_bucket_finite(bucket)) for _, bucket, *_ in done]
-      bad += [x for x in (_never(reduced, spec, bucket.groups)
-                          for spec, bucket, _, _, reduced in done) if x is not None]
-      finite = lax.psum(jnp.any(jnp.stack(bad)).astype(jnp.int32), axis_name) == 0
+      with jax.named_scope("nonfinite_check"):
+        bad = [jnp.logical_not(_bucket_finite(bucket)) for _, bucket, *_ in done]
+        bad += [x for x in (_never(reduced, spec, bucket.groups)
+                            for spec, bucket, _, _, reduced in done) if x is not None]
+        finite = lax.psum(jnp.any(jnp.stack(bad)).astype(jnp.int32), axis_name) == 0
     new_states = []
     for spec, bucket, local, new_local, reduced in done:
       if finite is not None:
-        new_local, reduced = _nonfinite_policy(finite, local, new_local, reduced)
+        with jax.named_scope("nonfinite_policy"):
+          new_local, reduced = _nonfinite_policy(finite, local, new_local, reduced)
       if not isinstance(reduced, tuple):
         reduced = tuple(_pack.split(reduced, bucket.spec))
       for i, leaf in zip(spec.leaf_indices, reduced):

@@ -317,61 +317,72 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
                          *_feedback.residual_state(spec))
 
   def compressed_step(bucket, state, ctx):
+    # Named scopes (in the HLO's op names and profiles) mark each phase:
+    # benchmarks/bench_kernels.py counts the compiled kernels per phase.
     layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
     corrected = _feedback.correct(bucket, state, ctx, use_error_feedback)
     offsets = bucket.spec.offsets + (bucket.size,)
-    # Runs of consecutive uncompressed leaves go in one slice each, both ways.
-    runs = [lax.slice_in_dim(corrected, offsets[a], offsets[b]) for a, b in layout.runs]
     pieces = {}  # leaf position of a run's first leaf or of a compressed leaf -> result
-    if runs:
-      mean = _allreduce_mean(_pack.ravel(runs), ctx)
-      start = 0
-      for (first, _), run in zip(layout.runs, runs):
-        pieces[first] = lax.slice_in_dim(mean, start, start + run.size)
-        start += run.size
+    with jax.named_scope("uncompressed"):
+      # Runs of consecutive uncompressed leaves go in one slice each, both ways.
+      runs = [lax.slice_in_dim(corrected, offsets[a], offsets[b]) for a, b in layout.runs]
+      if runs:
+        mean = _allreduce_mean(_pack.ravel(runs), ctx)
+        start = 0
+        for (first, _), run in zip(layout.runs, runs):
+          pieces[first] = lax.slice_in_dim(mean, start, start + run.size)
+          start += run.size
     if layout.units:
       dtype = bucket.dtype
-      mats = [jnp.stack([lax.slice_in_dim(corrected, offsets[i], offsets[i + 1]).reshape(n, m)
-                         for i in g]) for g, n, m, r in layout.units]
       # 16-bit buckets: P, Q and the products are computed in f32 on the bucket divided by
       # a shared maximum (one scalar pmax), and P and Q travel scaled by static factors to
       # entries of at most 1, so nothing overflows f16 (gradients of 3e4 did: P = M Q).
       # Orthogonalization ignores P's scale; Q's scale is undone on the result.
       half = jnp.finfo(dtype).bits <= 16
-      shared = 1.0
-      if half:
-        amax = lax.pmax(jnp.max(jnp.abs(corrected.astype(jnp.float32))), ctx.axis_name)
-        shared = jnp.where(jnp.logical_and(jnp.isfinite(amax), amax > 0), amax, 1.0)
-        mats = [mat.astype(jnp.float32) / shared for mat in mats]
       work = jnp.float32 if half else dtype
-      # Warm start begins from the Qs drawn at init; without it, fresh ones every step.
-      key = None if warm_start else jax.random.fold_in(
-          jax.random.wrap_key_data(state.key), state.iter)
-      qs = [q.astype(work) for q in layout.orthogonalize(
-          layout.to_units(state.qs), 2, orthogonalization_epsilon, key)]
-      ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
-      if half:  # |M q| <= sqrt(m) per replica, N replicas
-        ps = [p / (ctx.axis_size * math.sqrt(u[2])) for p, u in zip(ps, layout.units)]
-      p_all = lax.psum(_pack.ravel(ps).astype(dtype), ctx.axis_name)  # summed: orthogonalized
-      ps = [p.astype(work) for p in layout.orthogonalize(
-          _pack.split_shapes(p_all, [p.shape for p in ps]), 1, orthogonalization_epsilon)]
-      qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
-      if half:  # |M^T p| <= sqrt(n)
-        qs = [q / math.sqrt(u[1]) for q, u in zip(qs, layout.units)]
-      q_all = _allreduce_mean(_pack.ravel(qs).astype(dtype), ctx)
-      qs = _pack.split_shapes(q_all, [q.shape for q in qs])
-      for (g, n, *_), p, q in zip(layout.units, ps, qs):
-        approx = jnp.einsum("bnr,bmr->bnm", p, q.astype(work))
+      shared = 1.0
+      with jax.named_scope("matrices"):
+        mats = [jnp.stack([lax.slice_in_dim(corrected, offsets[i], offsets[i + 1]).reshape(n, m)
+                           for i in g]) for g, n, m, r in layout.units]
         if half:
-          approx = (approx * (shared * math.sqrt(n))).astype(dtype)
-        for j, i in enumerate(g):
-          pieces[i] = approx[j]
-      new_qs = layout.to_groups(qs)
+          amax = lax.pmax(jnp.max(jnp.abs(corrected.astype(jnp.float32))), ctx.axis_name)
+          shared = jnp.where(jnp.logical_and(jnp.isfinite(amax), amax > 0), amax, 1.0)
+          mats = [mat.astype(jnp.float32) / shared for mat in mats]
+      with jax.named_scope("orthogonalize_q"):
+        # Warm start begins from the Qs drawn at init; without it, fresh ones every step.
+        key = None if warm_start else jax.random.fold_in(
+            jax.random.wrap_key_data(state.key), state.iter)
+        qs = [q.astype(work) for q in layout.orthogonalize(
+            layout.to_units(state.qs), 2, orthogonalization_epsilon, key)]
+      with jax.named_scope("p"):
+        ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
+        if half:  # |M q| <= sqrt(m) per replica, N replicas
+          ps = [p / (ctx.axis_size * math.sqrt(u[2])) for p, u in zip(ps, layout.units)]
+        p_all = lax.psum(_pack.ravel(ps).astype(dtype), ctx.axis_name)  # summed: orthogonalized
+        ps = _pack.split_shapes(p_all, [p.shape for p in ps])
+      with jax.named_scope("orthogonalize_p"):
+        ps = [p.astype(work) for p in layout.orthogonalize(ps, 1, orthogonalization_epsilon)]
+      with jax.named_scope("q"):
+        qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
+        if half:  # |M^T p| <= sqrt(n)
+          qs = [q / math.sqrt(u[1]) for q, u in zip(qs, layout.units)]
+        q_all = _allreduce_mean(_pack.ravel(qs).astype(dtype), ctx)
+        qs = _pack.split_shapes(q_all, [q.shape for q in qs])
+      with jax.named_scope("approximation"):
+        for (g, n, *_), p, q in zip(layout.units, ps, qs):
+          approx = jnp.einsum("bnr,bmr->bnm", p, q.astype(work))
+          if half:
+            approx = (approx * (shared * math.sqrt(n))).astype(dtype)
+          for j, i in enumerate(g):
+            pieces[i] = approx[j]
+        new_qs = layout.to_groups(qs)
     else:
       new_qs = state.qs
-    result = _pack.ravel([pieces[i] for i in sorted(pieces)])
-    return result, state._replace(iter=state.iter + 1, qs=new_qs, **_feedback.next_residual(
-        corrected, corrected - result, state, ctx, use_error_feedback))
+    with jax.named_scope("result"):
+      result = _pack.ravel([pieces[i] for i in sorted(pieces)])
+      feedback = _feedback.next_residual(corrected, corrected - result, state, ctx,
+                                         use_error_feedback)
+    return result, state._replace(iter=state.iter + 1, qs=new_qs, **feedback)
 
   def vanilla_step(bucket, state, ctx):
     return _allreduce_mean(bucket.buffer(), ctx), state._replace(iter=state.iter + 1)
