@@ -8,7 +8,7 @@ Compiles ``bench_peer.py``'s step (``data_parallel``, SGD, 1 CPU device, one pro
 for one hook, and counts the kernels of the optimized HLO (fusions; a ``dot`` or
 ``copy`` outside a fusion is a library call or a copy, listed apart) by the phase that
 made each one: the innermost ddp_jax named scope in its op name (PowerSGD's
-``matrices``, ``orthogonalize_q``, ``p``, ``orthogonalize_p``, ``q``,
+``matrices``, ``orthogonalize_q``, ``compute_p``, ``orthogonalize_p``, ``compute_q``,
 ``approximation``, ``result``, ``uncompressed``; the sync's ``nonfinite_check`` and
 ``nonfinite_policy``), ``... (loop)`` inside a ``while`` body, ``other sync`` for the
 rest of a bucket's scope, ``step`` for the user's step (its gradient and
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCOPES = ("matrices", "orthogonalize_q", "p", "orthogonalize_p", "q", "approximation",
-          "result", "uncompressed", "nonfinite_check", "nonfinite_policy")
+SCOPES = ("matrices", "orthogonalize_q", "compute_p", "orthogonalize_p", "compute_q",
+          "approximation", "result", "uncompressed", "nonfinite_check", "nonfinite_policy")
 _OP = re.compile(r"= \S+ ([\w-]+)\(")
 _NAME = re.compile(r'op_name="([^"]+)"')
 _CALLED = ("%fused", "%wrapped")  # computations inside a fusion: not kernels of their own

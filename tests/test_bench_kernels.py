@@ -12,7 +12,7 @@ import bench_kernels  # noqa: E402
 def test_phase_is_the_innermost_ddp_jax_scope():
   assert bench_kernels.phase("jit(traced)/ddp_bucket0/orthogonalize_p/while/body/sub") == (
       "orthogonalize_p (loop)")
-  assert bench_kernels.phase("jit(traced)/ddp_bucket2/q/dot_general") == "q"
+  assert bench_kernels.phase("jit(traced)/ddp_bucket2/compute_q/dot_general") == "compute_q"
   assert bench_kernels.phase("jit(traced)/nonfinite_policy/jit(_where)/select_n") == (
       "nonfinite_policy")
   assert bench_kernels.phase("jit(traced)/ddp_bucket1/slice") == "other sync"

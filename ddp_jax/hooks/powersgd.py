@@ -354,7 +354,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
             jax.random.wrap_key_data(state.key), state.iter)
         qs = [q.astype(work) for q in layout.orthogonalize(
             layout.to_units(state.qs), 2, orthogonalization_epsilon, key)]
-      with jax.named_scope("p"):
+      with jax.named_scope("compute_p"):
         ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
         if half:  # |M q| <= sqrt(m) per replica, N replicas
           ps = [p / (ctx.axis_size * math.sqrt(u[2])) for p, u in zip(ps, layout.units)]
@@ -362,7 +362,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         ps = _pack.split_shapes(p_all, [p.shape for p in ps])
       with jax.named_scope("orthogonalize_p"):
         ps = [p.astype(work) for p in layout.orthogonalize(ps, 1, orthogonalization_epsilon)]
-      with jax.named_scope("q"):
+      with jax.named_scope("compute_q"):
         qs = [jnp.einsum("bnm,bnr->bmr", mat, p) for mat, p in zip(mats, ps)]
         if half:  # |M^T p| <= sqrt(n)
           qs = [q / math.sqrt(u[1]) for q, u in zip(qs, layout.units)]
