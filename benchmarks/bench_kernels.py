@@ -28,28 +28,32 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_overlap_hlo import _called, _opcode, computations  # noqa: E402
+
 SCOPES = ("matrices", "orthogonalize_q", "compute_p", "orthogonalize_p", "compute_q",
           "approximation", "result", "uncompressed", "nonfinite_check", "nonfinite_policy")
-_OP = re.compile(r"= \S+ ([\w-]+)\(")
 _NAME = re.compile(r'op_name="([^"]+)"')
-_CALLED = ("%fused", "%wrapped")  # computations inside a fusion: not kernels of their own
 
 
 def census(hlo_text: str) -> dict:
   """``{"kernels": {phase: count}, "library": {phase: count}}`` of an optimized HLO module's
-  text: fusions are kernels; ``dot``/``copy``/``custom-call`` outside fusions are library
-  calls or copies (cheap to compile)."""
+  text: fusions are kernels (those nested in another fusion's body are part of it);
+  ``dot``/``copy``/``custom-call`` outside fusions are library calls or copies (cheap to
+  compile)."""
+  comps, _ = computations(hlo_text)
+  fused = {name for lines in comps.values() for line in lines
+           if _opcode(line) == "fusion" for name in _called(line)}
   kernels, library = collections.Counter(), collections.Counter()
-  for block in re.split(r"\n(?=\S)", hlo_text):
-    if block.split(" ", 1)[0].startswith(_CALLED):
+  for name, lines in comps.items():
+    if name in fused:
       continue
-    for line in block.splitlines()[1:]:
-      m = _OP.search(line)
-      if not m or m.group(1) not in ("fusion", "dot", "copy", "custom-call"):
+    for line in lines:
+      op = _opcode(line)
+      if op not in ("fusion", "dot", "copy", "custom-call"):
         continue
-      name = _NAME.search(line)
-      where = phase(name.group(1) if name else "")
-      (kernels if m.group(1) == "fusion" else library)[where] += 1
+      scope = _NAME.search(line)
+      (kernels if op == "fusion" else library)[phase(scope.group(1) if scope else "")] += 1
   return {"kernels": dict(kernels.most_common()), "library": dict(library.most_common())}
 
 
@@ -68,10 +72,9 @@ def phase(op_name: str) -> str:
 def run(tree: str, hook_expr: str, warm_up: bool) -> dict:
   import jax
   import numpy as np
+  from bench_peer import jax_step, shapes
 
   import ddp_jax
-  sys.path.insert(0, str(HERE))
-  from bench_peer import jax_step, shapes
 
   mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   params = [np.zeros(s, np.float32) for s in shapes(tree)]
