@@ -190,8 +190,9 @@ def count_collectives(hlo_text: str) -> dict[str, Counts]:
   return out
 
 
-def collectives(fn: Callable, *args: Any, **kwargs: Any) -> Report:
-  """Lowers and compiles ``fn(*args, **kwargs)`` and counts its collectives.
+def collectives(fn: Callable | jax.stages.Lowered, *args: Any, **kwargs: Any) -> Report:
+  """Lowers and compiles ``fn(*args, **kwargs)`` and counts its collectives; ``fn`` may
+  also be a program already lowered (``step.lower(*args)``), given without arguments.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -201,8 +202,13 @@ def collectives(fn: Callable, *args: Any, **kwargs: Any) -> Report:
     >>> r.lowered["all-reduce"].ops
     1
   """
-  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-  lowered = jitted.lower(*args, **kwargs)
+  if isinstance(fn, jax.stages.Lowered):
+    if args or kwargs:
+      raise TypeError("inspect.collectives: a lowered program takes no arguments; pass the "
+                      "function and its arguments, or only the lowered program.")
+    lowered = fn
+  else:
+    lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs)
   low_text = lowered.as_text(dialect="hlo", debug_info=True)
   compiled_text = lowered.compile().as_text()
   return Report(count_collectives(low_text), count_collectives(compiled_text),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -101,6 +102,29 @@ def test_works_on_pmap():
   f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
   r = collectives(f, np.ones((8, 3), np.float32))
   assert r.lowered["all-reduce"].ops == 1
+
+
+def test_a_lowered_step_is_counted_as_its_function():
+  """``collectives(step.lower(*args))`` (what the README's step offers) counts the same as
+  ``collectives(step, *args)``; arguments beside a lowered program are refused."""
+  mesh = jax.make_mesh((8,), ("data",))
+  tx = optax.chain(ddp_jax.sync_gradients("data"), optax.sgd(0.1))
+  params = {"w": jnp.zeros((16, 4)), "b": jnp.zeros(4)}
+
+  def train_step(p, s, x):
+    g = ddp_jax.grad(lambda p, x: jnp.sum((x @ p["w"] + p["b"]) ** 2), "data")(p, x)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = ddp_jax.data_parallel(train_step, mesh, "data", batch_argnums=2)
+  s = ddp_jax.init_state(tx, params, mesh, "data")
+  x = np.ones((16, 16), np.float32)
+  by_fn = collectives(step, params, s, x)
+  by_lowered = collectives(step.lower(params, s, x))
+  assert by_lowered.compiled == by_fn.compiled
+  assert by_lowered.compiled["all-reduce"].ops == 1
+  with pytest.raises(TypeError, match="takes no arguments"):
+    collectives(step.lower(params, s, x), params)
 
 
 def test_16bit_sum_off_cpu_is_the_plain_all_reduce(mesh8, monkeypatch):
