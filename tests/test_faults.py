@@ -407,7 +407,7 @@ def test_resize_keeps_replica_equal_state_and_refuses_partial_sums():
                        state)
   big = ddp_jax.resize_state(state, 5)
   assert isinstance(big.hook_states[0], ddp_jax.hooks.PowerSGDState)
-  for key in ("qs", "key", "iter"):  # replica-equal state: replica 0's, on every new replica
+  for key in ("q", "key", "iter"):  # replica-equal state: replica 0's, on every new replica
     for a, b in zip(jax.tree.leaves(getattr(big.hook_states[0], key)),
                     jax.tree.leaves(getattr(state.hook_states[0], key))):
       assert a.shape[0] == 5

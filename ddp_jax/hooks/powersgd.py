@@ -164,12 +164,12 @@ def _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, na
 
 
 class _Layout:
-  """Static: which leaves of a bucket are compressed; the compute groups (all leaves of
-  one matrix shape: their matrix products batched, whatever the state's grouping); the
-  state groups (``qs``: by shape with ``batch_same_shape``, else one leaf each); the runs
-  of consecutive uncompressed leaves; the orthogonalization batches, one set per rank."""
+  """Static: which leaves of a bucket are compressed; the units (all compressed leaves of
+  one matrix shape, in order of first appearance: their products batched, and their Qs
+  consecutive in the state's one Q buffer); the runs of consecutive uncompressed leaves;
+  the orthogonalization batches, one set per rank."""
 
-  def __init__(self, spec, rank, min_compression_rate, batch_same_shape):
+  def __init__(self, spec, rank, min_compression_rate):
     self.compressed, self.uncompressed = [], []
     shapes = defaultdict(list)
     for i, shape in enumerate(spec.shapes):
@@ -181,13 +181,9 @@ class _Layout:
       else:
         self.uncompressed.append(i)
     self.units = [(tuple(g), n, m, r) for (n, m, r), g in shapes.items()]
-    # Each state group: (leaf positions, n, m, r); by shape or one leaf at a time.
-    self.groups = []
-    for g, n, m, r in self.units:
-      chunks = [g] if batch_same_shape else [(i,) for i in g]
-      self.groups.extend((c, n, m, r) for c in chunks)
-    self.p_size = sum(len(g) * n * r for g, n, m, r in self.groups)
-    self.q_size = sum(len(g) * m * r for g, n, m, r in self.groups)
+    self.q_shapes = [(len(g), m, r) for g, n, m, r in self.units]
+    self.p_size = sum(len(g) * n * r for g, n, m, r in self.units)
+    self.q_size = sum(len(g) * m * r for g, n, m, r in self.units)
     self.uncompressed_size = sum(spec.lengths[i] for i in self.uncompressed)
     self.runs = []  # (first, last + 1) leaf positions of consecutive uncompressed leaves
     for i in self.uncompressed:
@@ -214,42 +210,29 @@ class _Layout:
         out[u] = x
     return out
 
-  def to_units(self, arrays):
-    """State groups' arrays (``qs``) as one array per unit."""
-    if len(self.groups) == len(self.units):
-      return list(arrays)
-    return [jnp.concatenate(arrays[k:k + len(g)]) for k, (g, *_) in zip(self.starts(), self.units)]
 
-  def to_groups(self, arrays):
-    """One array per unit as the state groups' arrays."""
-    if len(self.groups) == len(self.units):
-      return tuple(arrays)
-    return tuple(x[j:j + 1] for x, (g, *_) in zip(arrays, self.units) for j in range(len(g)))
-
-  def starts(self):
-    return np.cumsum([0] + [len(g) for g, *_ in self.units])[:-1].tolist()
-
-
-def _first_qs(layout, spec, seed) -> tuple:
-  """Warm start's first Qs: standard normal, drawn on the host from ``(seed, bucket
-  index)`` leaf by leaf in leaf order (so grouping by shape does not change them), the
-  same on every replica. Constants of the init program: a draw in the step compiled
-  into ~15 kernels per bucket (a second of XLA compile on GPT-2's 19 buckets)."""
+def _first_q(layout, spec, seed):
+  """Warm start's first Qs as the state's one buffer: standard normal, drawn on the host
+  from ``(seed, bucket index)`` leaf by leaf in leaf order (so the order of the buffer
+  does not change them), the same on every replica. Constants of the init program: a
+  draw in the step compiled into ~15 kernels per bucket (a second of XLA compile on
+  GPT-2's 19 buckets)."""
   rng = np.random.default_rng([seed, spec.index])
-  dims = {i: (m, r) for g, n, m, r in layout.groups for i in g}
+  dims = {i: (m, r) for g, n, m, r in layout.units for i in g}
   drawn = {i: rng.standard_normal(dims[i]).astype(np.float32) for i in sorted(dims)}
-  return tuple(jnp.asarray(np.stack([drawn[i] for i in g]), spec.dtype)
-               for g, *_ in layout.groups)
+  flat = [drawn[i].ravel() for g, *_ in layout.units for i in g]
+  return jnp.asarray(np.concatenate(flat) if flat else np.zeros(0, np.float32), spec.dtype)
 
 
 class PowerSGDState(NamedTuple):
   """:func:`powersgd`'s state for one bucket, per replica: the update count, the
-  warm-started Q matrices (one per group of same-shape compressed leaves), the PRNG key
-  data for fresh Qs, and error feedback's residual and quality (as
-  :class:`~ddp_jax.hooks.FeedbackState`)."""
+  warm-started Q matrices (one flat buffer for the bucket, as PyTorch's ``q_memory_dict``:
+  the compressed leaves' ``m x r`` Qs grouped by matrix shape, in order of first
+  appearance, leaf order within a shape), the PRNG key data for fresh Qs, and error
+  feedback's residual and quality (as :class:`~ddp_jax.hooks.FeedbackState`)."""
 
   iter: Any
-  qs: tuple
+  q: Any
   key: Any
   residual: Any
   rel_error: Any
@@ -293,9 +276,10 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
   residual becomes ``corrected - result``; with warm start Q is kept across steps,
   starting from the standard normal Qs ``init`` draws from ``seed`` (the same on every
   replica), otherwise drawn afresh each step from ``key``. Same-shape leaves' products
-  are batched either way; ``batch_tensors_with_same_shape`` only groups ``qs`` by shape.
+  are always batched and the Qs kept in one buffer per bucket, so
+  ``batch_tensors_with_same_shape`` (PyTorch's option) changes nothing.
 
-  State (per replica, checkpointable): ``iter``, ``residual``, ``qs``, ``key``, and the
+  State (per replica, checkpointable): ``iter``, ``residual``, ``q``, ``key``, and the
   quality metrics ``rel_error`` (``|residual| / |corrected|`` of the last step) and
   ``residual_norm``.
 
@@ -311,15 +295,15 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
   _check(rank, start_iter, min_compression_rate, orthogonalization_epsilon, "powersgd")
 
   def init_fn(spec):
-    layout = _Layout(spec, rank, min_compression_rate, batch_tensors_with_same_shape)
-    return PowerSGDState(jnp.zeros((), jnp.int32), _first_qs(layout, spec, seed),
+    layout = _Layout(spec, rank, min_compression_rate)
+    return PowerSGDState(jnp.zeros((), jnp.int32), _first_q(layout, spec, seed),
                          jax.random.key_data(jax.random.key(seed)),
                          *_feedback.residual_state(spec))
 
   def compressed_step(bucket, state, ctx):
     # Named scopes (in the HLO's op names and profiles) mark each phase:
     # benchmarks/bench_kernels.py counts the compiled kernels per phase.
-    layout = _Layout(bucket.spec, rank, min_compression_rate, batch_tensors_with_same_shape)
+    layout = _Layout(bucket.spec, rank, min_compression_rate)
     corrected = _feedback.correct(bucket, state, ctx, use_error_feedback)
     offsets = bucket.spec.offsets + (bucket.size,)
     pieces = {}  # leaf position of a run's first leaf or of a compressed leaf -> result
@@ -353,7 +337,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         key = None if warm_start else jax.random.fold_in(
             jax.random.wrap_key_data(state.key), state.iter)
         qs = [q.astype(work) for q in layout.orthogonalize(
-            layout.to_units(state.qs), 2, orthogonalization_epsilon, key)]
+            _pack.split_shapes(state.q, layout.q_shapes), 2, orthogonalization_epsilon, key)]
       with jax.named_scope("compute_p"):
         ps = [jnp.einsum("bnm,bmr->bnr", mat, q) for mat, q in zip(mats, qs)]
         if half:  # |M q| <= sqrt(m) per replica, N replicas
@@ -367,7 +351,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
         if half:  # |M^T p| <= sqrt(n)
           qs = [q / math.sqrt(u[1]) for q, u in zip(qs, layout.units)]
         q_all = _allreduce_mean(_pack.ravel(qs).astype(dtype), ctx)
-        qs = _pack.split_shapes(q_all, [q.shape for q in qs])
+        qs = _pack.split_shapes(q_all, layout.q_shapes)
       with jax.named_scope("approximation"):
         for (g, n, *_), p, q in zip(layout.units, ps, qs):
           approx = jnp.einsum("bnr,bmr->bnm", p, q.astype(work))
@@ -375,14 +359,14 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
             approx = (approx * (shared * math.sqrt(n))).astype(dtype)
           for j, i in enumerate(g):
             pieces[i] = approx[j]
-        new_qs = layout.to_groups(qs)
+        new_q = q_all  # the state keeps Q as it traveled (16-bit: scaled, see above)
     else:
-      new_qs = state.qs
+      new_q = state.q
     with jax.named_scope("result"):
       result = _pack.ravel([pieces[i] for i in sorted(pieces)])
       feedback = _feedback.next_residual(corrected, corrected - result, state, ctx,
                                          use_error_feedback)
-    return result, state._replace(iter=state.iter + 1, qs=new_qs, **feedback)
+    return result, state._replace(iter=state.iter + 1, q=new_q, **feedback)
 
   def vanilla_step(bucket, state, ctx):
     return _allreduce_mean(bucket.buffer(), ctx), state._replace(iter=state.iter + 1)
@@ -398,7 +382,7 @@ def powersgd(rank: int = 1, start_iter: int = 1000, min_compression_rate: float 
                         ctx.warm_up)
 
   def wire_fn(spec, world):
-    layout = _Layout(spec, rank, min_compression_rate, batch_tensors_with_same_shape)
+    layout = _Layout(spec, rank, min_compression_rate)
     item = spec.dtype.itemsize
     parts = [x for x in (layout.uncompressed_size, layout.p_size, layout.q_size) if x]
     return WireCost(sum(allreduce_bytes(x * item, world) for x in parts), len(parts))
