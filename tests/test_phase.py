@@ -48,11 +48,12 @@ def plain_step(tx):
   return step
 
 
-def train(monkeypatch, mesh, tx, step_fn, setting, calls=6, states=None):
+def train(monkeypatch, mesh, tx, step_fn, setting, calls=6, states=None, donate=()):
   """Runs ``calls`` steps; returns the parameters after each and the programs built.
   ``states``: {call: state} given instead of the previous call's (a restore)."""
   monkeypatch.setenv("DDP_JAX_WARMUP_PROGRAM", setting)
-  step = ddp_jax.data_parallel(step_fn, mesh, "data", batch_argnums=(2, 3))
+  step = ddp_jax.data_parallel(step_fn, mesh, "data", batch_argnums=(2, 3),
+                               donate_argnums=donate)
   w = ddp_jax.broadcast_from_process0(params0(), mesh)
   s = ddp_jax.init_state(tx, w, mesh, "data")
   seen, programs = [], []
@@ -89,6 +90,23 @@ def test_warmup_program_until_start_iter_then_the_full_one(monkeypatch, mesh, ho
   plain, _, _ = train(monkeypatch, mesh, allreduce_tx, plain_step(allreduce_tx), "1")
   assert_same(warm[:3], plain[:3])
   assert np.abs(warm[3]["a"] - plain[3]["a"]).max() > 1e-6
+
+
+def test_donated_params_and_state_through_the_switch(monkeypatch, mesh):
+  """``donate_argnums=(0, 1)`` (params and optimizer state, as with ``jax.jit``): the
+  warm-up program, the switch (which reads the hook states' iteration) and the full
+  program run on donated buffers, the numbers those of the run without donation, and the
+  parameters and hook states passed in are consumed."""
+  tx = make_tx(ddp_jax.hooks.powersgd(rank=1, start_iter=3, min_compression_rate=1),
+               first_bucket_cap_mb=1e-4, bucket_cap_mb=1e-4)
+  kept, _, _ = train(monkeypatch, mesh, tx, plain_step(tx), "1")
+  donated, programs, step = train(monkeypatch, mesh, tx, plain_step(tx), "1", donate=(0, 1))
+  assert programs == ["warm-up"] * 3 + ["full"] * 3
+  assert_same(donated, kept)
+  w = ddp_jax.broadcast_from_process0(params0(), mesh)
+  s = ddp_jax.init_state(tx, w, mesh, "data")
+  step(w, s, *batch(0))
+  assert all(x.is_deleted() for x in jax.tree.leaves((w, s[0].hook_states)))
 
 
 def test_warmup_program_holds_no_compression(mesh):
